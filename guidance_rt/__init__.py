@@ -1,0 +1,13 @@
+"""guidance-rt: every branch of a guided diffusion step in one packed forward."""
+from . import reference
+from .denoiser import GuidedDenoiser
+from .terms import CFG, PAG, SEG, SLG, TPG, Guidance
+
+__all__ = ["CFG", "PAG", "SEG", "SLG", "TPG", "Guidance", "GuidedDenoiser", "reference", "guided"]
+
+
+def __getattr__(name):
+    if name == "guided":
+        from .pipelines import guided
+        return guided
+    raise AttributeError(name)

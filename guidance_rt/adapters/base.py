@@ -1,0 +1,75 @@
+"""What every adapter shares: growing the packed batch at forks and per-row helpers.
+
+An adapter owns a model family's forward. It runs stock diffusers submodules (resnets, norms,
+projections, unperturbed blocks) on the live rows and takes over only where rows differ: forks,
+skipped blocks, shuffled tokens and perturbed attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..layers import enumerate_layers
+from ..plan import BlockPlan, StepPlan
+
+
+class Adapter:
+    family: str = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = enumerate_layers(model)
+        self.trace: dict[int, int] | None = None   # position -> rows run, when tracing
+
+    # ---------------------------------------------------------------- rows
+
+    @staticmethod
+    def grow(t: torch.Tensor | None, rows: int, plan: StepPlan) -> torch.Tensor | None:
+        """Append cond-row copies for the branches that forked after `t` was computed."""
+        if t is None or t.shape[0] >= rows:
+            return t
+        missing = (rows - t.shape[0]) // plan.batch
+        cond = t[plan.cond_rows]
+        return torch.cat([t] + [cond] * missing)
+
+    @staticmethod
+    def per_row(t: torch.Tensor | None, plan: StepPlan) -> torch.Tensor | None:
+        """A base-row input (uncond, cond) gathered for every row of the layout."""
+        if t is None:
+            return None
+        return t.index_select(0, plan.source(t.device))
+
+    @staticmethod
+    def shuffle(x: torch.Tensor, bp: BlockPlan, perms, image: slice = slice(None)) -> torch.Tensor:
+        """TPG: permute the image tokens of the shuffled rows (one permutation per term/layer)."""
+        if not bp.shuffle:
+            return x
+        x = x.clone()
+        for start, end, term in bp.shuffle:
+            perm = perms(term, bp.position, x[:, image].shape[1], x.device)
+            x[start:end, image] = x[start:end, image].index_select(1, perm)
+        return x
+
+    @staticmethod
+    def drop_rows(t: torch.Tensor, spans) -> torch.Tensor:
+        """Zero the output of a sublayer for skipped rows (SLG attn / ff)."""
+        if not spans:
+            return t
+        keep = torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
+        for start, end in spans:
+            keep[start:end] = 0
+        return t * keep.view(-1, *([1] * (t.dim() - 1)))
+
+    def record(self, position: int, rows: int):
+        if self.trace is not None:
+            self.trace[position] = rows
+
+    # ---------------------------------------------------------------- checks
+
+    @staticmethod
+    def require_processor(attn: nn.Module, allowed: tuple[str, ...], where: str):
+        name = type(getattr(attn, "processor", None)).__name__
+        if name not in allowed:
+            raise NotImplementedError(
+                f"{where}: attention processor {name} is not supported on a perturbed layer; "
+                f"supported: {', '.join(allowed)} (remove custom processors or pick other layers)")

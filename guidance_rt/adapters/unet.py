@@ -1,0 +1,208 @@
+"""UNet2DConditionModel (SD1.5, SDXL): the packed forward.
+
+Rows fork at the first perturbed BasicTransformerBlock; the skip connections taken before the
+fork are computed once and grown with cond-row copies where the up blocks consume them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..attention import identity_map, qk_segments, query_variants, variant_attention
+from ..plan import IDENTITY, StepPlan
+from .base import Adapter
+
+UNET_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+UNSUPPORTED_KWARGS = ("class_labels", "attention_mask", "encoder_attention_mask",
+                      "down_intrablock_additional_residuals")
+
+
+class UNetAdapter(Adapter):
+    family = "unet"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        cfg = model.config
+        if getattr(cfg, "addition_embed_type", None) == "image_hint":
+            raise NotImplementedError("UNet addition_embed_type='image_hint' is not supported")
+        # position of the first block of every Transformer2DModel
+        self.first_position: dict[int, int] = {}
+        blocks = {id(b): l.position for l, b in zip(self.layers, self._blocks())}
+        for t2d in self._transformers():
+            self.first_position[id(t2d)] = blocks[id(t2d.transformer_blocks[0])]
+
+    def _transformers(self):
+        m = self.model
+        for block in list(m.down_blocks) + ([m.mid_block] if m.mid_block is not None else []) + list(m.up_blocks):
+            yield from getattr(block, "attentions", None) or []
+
+    def _blocks(self):
+        for t2d in self._transformers():
+            yield from t2d.transformer_blocks
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, plan: StepPlan, sample: torch.Tensor, timestep: torch.Tensor, base: dict, perms):
+        m = self.model
+        for key in UNSUPPORTED_KWARGS:
+            if base.get(key) is not None:
+                raise NotImplementedError(f"UNet forward argument {key!r} is not supported by guidance-rt")
+        cak = base.get("cross_attention_kwargs") or {}
+        if cak:
+            raise NotImplementedError(f"cross_attention_kwargs {sorted(cak)} are not supported by guidance-rt")
+        if getattr(m.up_blocks[0], "s1", None) is not None and getattr(m.up_blocks[0], "b1", None) is not None:
+            raise NotImplementedError("FreeU is enabled on this UNet; disable it (unet.disable_freeu())")
+        groups = plan.base_rows // plan.batch
+        up_factor = 2 ** m.num_upsamplers
+        forward_upsample_size = any(d % up_factor for d in sample.shape[-2:])
+
+        if m.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        # 1. time and conditioning embeddings on the base rows, then one row per layout row
+        base_sample = sample[:1].expand(plan.base_rows, *sample.shape[1:])  # shape only, no copy
+        t_emb = m.get_time_embed(sample=base_sample, timestep=timestep)
+        emb = m.time_embedding(t_emb, base.get("timestep_cond"))
+        ehs = base["encoder_hidden_states"]
+        aug = m.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=base.get("added_cond_kwargs") or {})
+        emb = emb + aug if aug is not None else emb
+        if m.time_embed_act is not None:
+            emb = m.time_embed_act(emb)
+        ehs = m.process_encoder_hidden_states(encoder_hidden_states=ehs,
+                                              added_cond_kwargs=base.get("added_cond_kwargs") or {})
+        emb, ehs = self.per_row(emb, plan), self.per_row(ehs, plan)
+
+        # 2. conv_in is the same for uncond and cond: compute it once per user sample
+        h = m.conv_in(sample).repeat(groups, 1, 1, 1)
+        res: list[torch.Tensor] = [h]
+
+        def transformer(t2d, h):
+            return self._transformer2d(t2d, h, ehs, plan, perms)
+
+        # 3. down
+        for block in m.down_blocks:
+            attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            for resnet, t2d in zip(block.resnets, attentions):
+                h = resnet(h, emb[: h.shape[0]])
+                if t2d is not None:
+                    h = transformer(t2d, h)
+                res.append(h)
+            for down in block.downsamplers or []:
+                h = down(h)
+                res.append(h)
+
+        controls = base.get("down_block_additional_residuals")
+        if controls is not None:
+            res = [r + self.per_row(c, plan)[: r.shape[0]] for r, c in zip(res, controls)]
+
+        # 4. mid
+        if m.mid_block is not None:
+            mb = m.mid_block
+            h = mb.resnets[0](h, emb[: h.shape[0]])
+            for t2d, resnet in zip(mb.attentions, mb.resnets[1:]):
+                h = transformer(t2d, h)
+                h = resnet(h, emb[: h.shape[0]])
+        mid_control = base.get("mid_block_additional_residual")
+        if mid_control is not None:
+            h = h + self.per_row(mid_control, plan)[: h.shape[0]]
+
+        # 5. up: skip connections grow to the rows alive now
+        upsample_size = None
+        for i, block in enumerate(m.up_blocks):
+            n = len(block.resnets)
+            skips, res = res[-n:], res[:-n]
+            if i < len(m.up_blocks) - 1 and forward_upsample_size:
+                upsample_size = res[-1].shape[2:]
+            attentions = getattr(block, "attentions", None) or [None] * n
+            for resnet, t2d in zip(block.resnets, attentions):
+                skip = self.grow(skips.pop(), h.shape[0], plan)
+                h = resnet(torch.cat([h, skip], dim=1), emb[: h.shape[0]])
+                if t2d is not None:
+                    h = transformer(t2d, h)
+            for up in block.upsamplers or []:
+                h = up(h, upsample_size)
+
+        # 6. out
+        if m.conv_norm_out is not None:
+            h = m.conv_act(m.conv_norm_out(h))
+        return m.conv_out(h)
+
+    # ---------------------------------------------------------------- Transformer2DModel
+
+    def _transformer2d(self, t2d, h, ehs, plan: StepPlan, perms):
+        first = self.first_position[id(t2d)]
+        positions = range(first, first + len(t2d.transformer_blocks))
+        touched = [p for p in positions if p in plan.blocks]
+        if not touched:
+            for p in positions:
+                self.record(p, h.shape[0])
+            return t2d(h, encoder_hidden_states=ehs[: h.shape[0]], return_dict=False)[0]
+        if not t2d.is_input_continuous:
+            raise NotImplementedError("only continuous-input Transformer2DModel blocks are supported")
+        _, _, height, width = h.shape
+        residual = h
+        x, inner_dim = t2d._operate_on_continuous_inputs(h)
+        for p, block in zip(positions, t2d.transformer_blocks):
+            bp = plan.blocks.get(p)
+            if bp is None:
+                self.record(p, x.shape[0])
+                x = block(x, encoder_hidden_states=ehs[: x.shape[0]])
+                continue
+            if bp.forks:
+                x, residual = self.grow(x, bp.rows, plan), self.grow(residual, bp.rows, plan)
+            run = bp.run
+            xr = run.take(x) if run else x
+            er = run.take(ehs[: bp.rows]) if run else ehs[: bp.rows]
+            self.record(p, xr.shape[0])
+            xr = self.shuffle(xr, bp, perms)
+            if bp.self_attn or bp.skip_attn or bp.skip_ff:
+                xr = self._basic_block(block, xr, er, bp, (height, width))
+            else:
+                xr = block(xr, encoder_hidden_states=er)
+            x = run.put(x, xr) if run else xr
+        return t2d._get_output_for_continuous_inputs(x, residual, x.shape[0], height, width, inner_dim)
+
+    def _basic_block(self, block, x, ehs, bp, grid):
+        """BasicTransformerBlock (layer_norm type, as in SD1.5 / SDXL) with per-row variants."""
+        if block.norm_type != "layer_norm" or block.pos_embed is not None or block.only_cross_attention \
+                or getattr(block, "_chunk_size", None) is not None:
+            raise NotImplementedError(
+                f"BasicTransformerBlock with norm_type={block.norm_type!r}, positional embedding, "
+                "cross-attention only or chunked feed-forward is not supported on a perturbed layer")
+        a = self._self_attention(block.attn1, block.norm1(x), bp, grid)
+        x = self.drop_rows(a, bp.skip_attn) + x
+        if block.attn2 is not None:
+            a = block.attn2(block.norm2(x), encoder_hidden_states=ehs)
+            x = self.drop_rows(a, bp.skip_attn) + x
+        f = block.ff(block.norm3(x))
+        return self.drop_rows(f, bp.skip_ff) + x
+
+    def _self_attention(self, attn, x, bp, grid):
+        """attn1 with the plan's row variants; PAG rows compute only V (and to_out)."""
+        segments = bp.self_attn
+        if not segments:
+            return attn(x)
+        self.require_processor(attn, UNET_PROCESSORS, f"layer {self.layers[bp.position].name}")
+        if attn.spatial_norm is not None or attn.group_norm is not None or attn.residual_connection \
+                or attn.rescale_output_factor != 1.0:
+            raise NotImplementedError("self-attention with spatial/group norm or residual connection "
+                                      "is not supported on a perturbed layer")
+        v = attn.to_v(x)
+        qsegs, rows = qk_segments(segments)
+        pieces = {}
+        if qsegs:
+            xq = torch.cat([x[r] for r in rows]) if len(rows) > 1 else x[rows[0]]
+            vq = torch.cat([v[r] for r in rows]) if len(rows) > 1 else v[rows[0]]
+            q = query_variants(attn.to_q(xq), qsegs, grid, slice(None))
+            k = attn.to_k(xq)
+            n, heads = xq.shape[0], attn.heads
+            split = lambda t: t.view(n, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+            q, k, vh = split(q), split(k), split(vq)
+            if attn.norm_q is not None:
+                q, k = attn.norm_q(q), attn.norm_k(k)
+            o = variant_attention(q, k, vh, qsegs, identity_map, mean_rows_identical=True)
+            o = o.transpose(1, 2).reshape(n, -1, heads * vh.shape[-1]).to(q.dtype)
+            for s, r in zip(qsegs, rows):
+                pieces[r.start] = o[s.rows]
+        out = [v[s.rows] if s.mode == IDENTITY else pieces[s.start] for s in segments]
+        out = torch.cat(out) if len(out) > 1 else out[0]
+        return attn.to_out[1](attn.to_out[0](out))

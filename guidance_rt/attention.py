@@ -1,0 +1,159 @@
+"""Per-row attention variants: the one dispatch point between the adapters and the kernels.
+
+The adapters project q, k, v themselves (model-specific: qk-norm, rotary embeddings, joint text
+streams) and call the functions here with the plan's row segments. This module holds the plain
+PyTorch implementation (the CPU path); the Triton kernels plug in behind the same functions.
+
+Variants (methods.md sections 2-3):
+- IDENTITY (PAG): the attention map is PAG's map: the identity for self-attention (output = V),
+  the MM-DiT form for joint attention (image queries see only themselves among image keys but
+  every text key; text queries unchanged).
+- SOFT (SoftPAG): (1 - beta) A + beta A_pag on the selected heads.
+- BLUR (SEG): the query (before head split) is blurred with a Gaussian on the token grid.
+- MEAN (SEG, infinite sigma): the query is replaced by its mean over the image tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .plan import BLUR, IDENTITY, MEAN, NORMAL, SOFT, Segment
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+
+
+# ---------------------------------------------------------------- SEG query blur
+
+
+def seg_kernel_size(sigma: float, extent: int) -> int:
+    """SEG's odd kernel size for sigma, clamped so reflect padding fits this axis."""
+    k = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
+    return min(k, extent - (extent % 2 - 1))
+
+
+def gaussian_taps(sigma: float, extent: int, device, dtype) -> torch.Tensor:
+    k = seg_kernel_size(sigma, extent)
+    x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, device=device, dtype=torch.float64)
+    taps = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (taps / taps.sum()).to(dtype)
+
+
+def blur_tokens(x: torch.Tensor, grid: tuple[int, int], sigma: float) -> torch.Tensor:
+    """x: (R, h*w, C) tokens in row-major grid order; every channel blurred separably."""
+    h, w = grid
+    rows, n, c = x.shape
+    img = x.transpose(1, 2).reshape(rows * c, 1, h, w)
+    for axis, extent in ((3, w), (2, h)):
+        taps = gaussian_taps(sigma, extent, x.device, x.dtype)
+        pad = taps.numel() // 2
+        if pad:
+            padding = (pad, pad, 0, 0) if axis == 3 else (0, 0, pad, pad)
+            img = F.pad(img, padding, mode="reflect")
+        weight = taps.view(1, 1, 1, -1) if axis == 3 else taps.view(1, 1, -1, 1)
+        img = F.conv2d(img, weight)
+    return img.reshape(rows, c, n).transpose(1, 2)
+
+
+def query_variants(q: torch.Tensor, segments: tuple[Segment, ...], grid, image: slice) -> torch.Tensor:
+    """Apply SEG's query perturbations (before head split) to the image tokens of their rows."""
+    if not any(s.mode in (BLUR, MEAN) for s in segments):
+        return q
+    parts = []
+    for s in segments:
+        part = q[s.rows]
+        if s.mode in (BLUR, MEAN):
+            img = part[:, image]
+            img = (img.mean(1, keepdim=True).expand_as(img) if s.mode == MEAN
+                   else blur_tokens(img, grid, s.sigma))
+            part = part.clone()
+            part[:, image] = img
+        parts.append(part)
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------- PAG maps
+
+
+def identity_map(q, k, v) -> torch.Tensor:
+    """Self-attention PAG: the identity map, output V."""
+    return v
+
+
+def mmdit_identity_map(image: slice) -> Callable:
+    """Joint-attention PAG (diffusers' PAGJointAttnProcessor2_0): image queries attend to their
+    own image key and to every text key; text queries attend to everything."""
+
+    def pag_map(q, k, v):
+        n = q.shape[2]
+        img = torch.arange(n, device=q.device)[image]
+        text = torch.ones(n, dtype=torch.bool, device=q.device)
+        text[image] = False
+        scale = q.shape[-1] ** -0.5
+        qi, ki, vi = q[:, :, image], k[:, :, image], v[:, :, image]
+        kt, vt = k[:, :, text], v[:, :, text]
+        self_logit = (qi * ki).sum(-1, keepdim=True) * scale            # (R, H, Ni, 1)
+        text_logit = qi @ kt.transpose(-1, -2) * scale                  # (R, H, Ni, Nt)
+        p = torch.softmax(torch.cat([self_logit, text_logit], -1).float(), -1).to(q.dtype)
+        out_img = p[..., :1] * vi + p[..., 1:] @ vt
+        out = sdpa(q[:, :, text], k, v)
+        full = torch.empty_like(v)
+        full[:, :, img] = out_img
+        full[:, :, text] = out
+        return full
+
+    return pag_map
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def variant_attention(q, k, v, segments: tuple[Segment, ...], pag_map: Callable = identity_map,
+                      mean_rows_identical: bool = False) -> torch.Tensor:
+    """Attention with per-row-segment variants. q, k, v: (R, H, N, d) after the query variants
+    were applied. `mean_rows_identical`: MEAN rows' queries are all equal (pure self-attention),
+    so one query row per (row, head) gives the exact result."""
+    if not segments:
+        return sdpa(q, k, v)
+    outs = []
+    for s in segments:
+        qs, ks, vs = q[s.rows], k[s.rows], v[s.rows]
+        if s.mode == IDENTITY:
+            outs.append(pag_map(qs, ks, vs))
+        elif s.mode == MEAN and mean_rows_identical:
+            outs.append(sdpa(qs[:, :, :1], ks, vs).expand_as(vs))
+        elif s.mode == SOFT:
+            o = sdpa(qs, ks, vs)
+            mixed = (1 - s.beta) * o + s.beta * pag_map(qs, ks, vs)
+            if s.heads is None:
+                o = mixed
+            else:
+                heads = torch.tensor([h for h in s.heads if h < o.shape[1]], device=o.device, dtype=torch.long)
+                o = o.index_copy(1, heads, mixed.index_select(1, heads))
+            outs.append(o)
+        else:  # NORMAL, BLUR, MEAN
+            outs.append(sdpa(qs, ks, vs))
+    return _join(outs, segments)
+
+
+def _join(outs, segments):
+    # normal segments adjacent in a batch are already one segment, so this cat is per branch
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def qk_segments(segments: tuple[Segment, ...]) -> tuple[tuple[Segment, ...], list[slice]]:
+    """Segments of the rows that need q and k when IDENTITY rows need only V (self-attention):
+    returns those segments re-based onto the gathered rows, and the original row slices."""
+    kept, rows, offset = [], [], 0
+    for s in segments:
+        if s.mode == IDENTITY:
+            continue
+        n = s.end - s.start
+        kept.append(Segment(offset, offset + n, s.mode, s.beta, s.heads, s.sigma))
+        rows.append(s.rows)
+        offset += n
+    return tuple(kept), rows

@@ -1,0 +1,536 @@
+"""Model presets built in code: topology-faithful tiny models for tests, full-size ones for benchmarks.
+
+Nothing here downloads anything. Every preset is a diffusers config dict; `build_model` builds it
+with random weights, `example_inputs` makes one step's inputs in each pipeline's conventions, and
+`build_pipeline` assembles a tiny stock diffusers pipeline (tokenizers, text encoders, VAE and
+scheduler all made in code) around a tiny preset.
+
+Tiny presets keep the real model's block topology (block types, layers per block, transformer
+layers per block, joint / double / single block counts, dual attention layers, qk norm, guidance
+embedding) and shrink only widths, so layer names such as SDXL's `d6-d23` or SLG's `[7, 8, 9]`
+mean the same thing as on the real model. Each tiny config is the full config with width keys
+overridden (`_TINY_WIDTHS`), which makes that true by construction.
+
+Conventions (one step, as each stock pipeline calls its denoiser):
+- UNet (SD1.5, SDXL): sample (B, 4, H, W); timestep int64 in 0..999 (DDPM steps).
+- SD3 / SD3.5: sample (B, 16, H, W); timestep float32 = sigma * 1000.
+- FLUX: sample packed as FluxPipeline packs a (B, 16, H, W) latent: (B, H/2 * W/2, 64);
+  timestep = sigma in 0..1 (the transformer multiplies by 1000 itself); img_ids / txt_ids 2-D.
+H and W are always latent pixels (image pixels / 8).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "Preset", "PRESETS", "FAMILIES", "get_preset", "build_model", "randomize_", "example_inputs",
+    "build_pipeline", "pack_flux_latents", "unpack_flux_latents", "flux_image_ids",
+]
+
+from .layers import FAMILIES, model_family as _family_of
+
+# Text tokens each pipeline feeds the denoiser by default: CLIP 77; SD3 77 CLIP + 256 T5; FLUX 512 T5.
+_TEXT_LEN = {"unet": 77, "sd3": 77 + 256, "flux": 512}
+_VAE_SCALE = 8  # every family's VAE downsamples by 8 (SDXL's time_ids are in image pixels)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str                 # "unet" | "sd3" | "flux"
+    model_class: str            # diffusers class name
+    config: dict[str, Any]      # kwargs for model_class.from_config
+    latent: tuple[int, int]     # default (height, width) in latent pixels
+    tiny: bool
+    description: str
+    text_len: int = 0  # default text tokens in example_inputs (0: the family's)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the unpacked VAE latent."""
+        c = self.config["in_channels"]
+        return c // 4 if self.family == "flux" else c
+
+
+# ---------------------------------------------------------------------------------------------
+# Full-size configs (the published diffusers configs of the real checkpoints)
+
+_SD15 = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    attention_head_dim=8,  # diffusers' name; it is the number of heads (head dim 40..160)
+    cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
+)
+
+_SDXL = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),  # number of heads per level: 64-wide heads throughout
+    cross_attention_dim=2048,        # 768 (CLIP-L) + 1280 (OpenCLIP-G)
+    use_linear_projection=True, upcast_attention=False,
+    addition_embed_type="text_time", addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids * 256 + 1280 pooled text
+    norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
+)
+
+_SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+    num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096,        # T5-XXL width (CLIP embeddings are zero-padded to it)
+    caption_projection_dim=1536,     # = heads * head dim
+    pooled_projection_dim=2048,      # 768 + 1280 pooled CLIP
+    pos_embed_max_size=192,
+)
+
+_SD35_MEDIUM = dict(
+    _SD3_MEDIUM, pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+
+_SD35_LARGE = dict(
+    _SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+    qk_norm="rms_norm",
+)
+
+_FLUX_DEV = dict(
+    patch_size=1, in_channels=64, out_channels=None,
+    num_layers=19, num_single_layers=38,
+    attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096,        # T5-XXL
+    pooled_projection_dim=768,       # CLIP-L pooled
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),     # sums to attention_head_dim
+)
+
+# Width-only overrides for the tiny presets. Channels in/out stay real (4 / 16 / 64), so latents
+# have the real shapes. UNet channels keep the real ratios between levels (SD1.5 1:2:4:4), so the
+# same resnets get a shortcut conv and the module trees match the real ones module for module.
+_TINY_WIDTHS = {
+    "sd15": dict(sample_size=16, block_out_channels=(8, 16, 32, 32), attention_head_dim=2,
+                 cross_attention_dim=16, norm_num_groups=4),
+    "sdxl": dict(sample_size=16, block_out_channels=(8, 16, 32), attention_head_dim=(1, 2, 4),
+                 cross_attention_dim=32,                    # 16 + 16 from the two tiny CLIPs
+                 addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=64,  # 6 * 8 + 16 pooled text
+                 norm_num_groups=4),
+    "sd3": dict(sample_size=16, attention_head_dim=8, num_attention_heads=4,
+                joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+                pos_embed_max_size=32),
+    "sd35": dict(sample_size=16, attention_head_dim=8, num_attention_heads=4,
+                 joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+                 pos_embed_max_size=64),
+    "flux": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                 pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
+}
+
+# Text lengths of the tiny presets: shorter than the pipelines' defaults so that text tokens do
+# not dominate a 16x16 latent's 64..256 image tokens; the models accept any length.
+_TINY_TEXT = {"sd3": 77 + 32, "flux": 64}
+
+
+def _preset(name, family, cls, config, latent, tiny, description, text_len=0):
+    return Preset(name, family, cls, dict(config), latent, tiny, description, text_len)
+
+
+_UNET, _SD3, _FLUX = "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    _preset("sd15", "unet", _UNET, _SD15, (64, 64), False,
+            "Stable Diffusion 1.5 UNet (860M), 512px"),
+    _preset("sdxl", "unet", _UNET, _SDXL, (128, 128), False,
+            "SDXL base UNet (2.6B), 1024px"),
+    _preset("sd3-medium", "sd3", _SD3, _SD3_MEDIUM, (128, 128), False,
+            "SD3-medium MMDiT (2B, 24 joint blocks), 1024px"),
+    _preset("sd35-medium", "sd3", _SD3, _SD35_MEDIUM, (128, 128), False,
+            "SD3.5-medium MMDiT-X (2.5B, 24 blocks, dual attention in 0..12, rms qk norm), 1024px"),
+    _preset("sd35-large", "sd3", _SD3, _SD35_LARGE, (128, 128), False,
+            "SD3.5-large MMDiT (8B, 38 blocks, rms qk norm), 1024px"),
+    _preset("flux-dev", "flux", _FLUX, _FLUX_DEV, (128, 128), False,
+            "FLUX.1-dev (12B, 19 double + 38 single blocks, guidance embedding), 1024px"),
+    _preset("tiny-sd15", "unet", _UNET, {**_SD15, **_TINY_WIDTHS["sd15"]}, (16, 16), True,
+            "SD1.5 topology (6 down / 1 mid / 9 up transformer blocks), tiny widths"),
+    _preset("tiny-sdxl", "unet", _UNET, {**_SDXL, **_TINY_WIDTHS["sdxl"]}, (16, 16), True,
+            "SDXL topology (d0-d23, m0-m9, u0-u35), tiny widths"),
+    _preset("tiny-sd3", "sd3", _SD3, {**_SD3_MEDIUM, **_TINY_WIDTHS["sd3"]}, (16, 16), True,
+            "SD3-medium topology (24 joint blocks, patch 2), tiny widths", _TINY_TEXT["sd3"]),
+    _preset("tiny-sd35", "sd3", _SD3, {**_SD35_MEDIUM, **_TINY_WIDTHS["sd35"]}, (16, 16), True,
+            "SD3.5-medium topology (24 blocks, dual attention 0..12, rms qk norm), tiny widths",
+            _TINY_TEXT["sd3"]),
+    _preset("tiny-flux", "flux", _FLUX, {**_FLUX_DEV, **_TINY_WIDTHS["flux"]}, (16, 16), True,
+            "FLUX.1-dev topology (19 double + 38 single blocks, guidance embedding), tiny widths",
+            _TINY_TEXT["flux"]),
+]}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Construct parameters directly in `dtype` (a full-size model in fp32 would not fit twice)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(name: str, *, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> nn.Module:
+    """The preset's denoiser with random weights, in eval mode.
+
+    Deterministic for (name, seed, device, dtype): every parameter is redrawn by `randomize_`.
+    On the meta device the model is only constructed (no storage, no init): that is how
+    full-size configs are inspected and counted without memory.
+    """
+    import diffusers
+
+    preset = get_preset(name)
+    cls = getattr(diffusers, preset.model_class)
+    device = torch.device(device)
+    if device.type == "meta":
+        with torch.device("meta"), _default_dtype(dtype):
+            return cls.from_config(preset.config).eval()
+    # The stock init is thrown away below; fork the RNG so building a model does not move the
+    # caller's random stream.
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices), torch.device(device), _default_dtype(dtype):
+        model = cls.from_config(preset.config)
+    if any(p.dtype != dtype for p in model.parameters()):
+        model.to(dtype=dtype)  # anything diffusers created in an explicit dtype (to() warns, so only then)
+    randomize_(model, seed)
+    return model.eval()
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Redraw EVERY parameter of `module` in place, deterministically for a seed.
+
+    diffusers zero-initialises some layers (adaLN gates and final projections in SD3/FLUX,
+    ControlNet's zero convolutions, LoRA's B); a zero gate would make a perturbation of that block
+    invisible in the output. Matrices and kernels get N(0, 1/fan_in), which keeps activations O(1)
+    through the deep stacks; 1-D weights (norm scales) 1 + N(0, 0.1^2); biases N(0, 0.05^2).
+    Values are drawn on each parameter's own device, so they are reproducible per device.
+    """
+    gens: dict[torch.device, torch.Generator] = {}
+    for name, p in module.named_parameters():
+        if p.device.type == "meta":
+            continue
+        g = gens.get(p.device)
+        if g is None:
+            g = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+        noise = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
+        if p.dim() >= 2:
+            value = noise / math.sqrt(max(1, p[0].numel()))  # fan_in: in_features * kernel area
+        elif name.endswith("weight"):
+            value = 1.0 + 0.1 * noise
+        else:
+            value = 0.05 * noise
+        p.copy_(value)
+    return module
+
+
+def _norm(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _preset_of(model: nn.Module) -> Preset | None:
+    """The preset a model was built from, matched on its config (survives save/load)."""
+    cfg = model.config
+    matches = [p for p in PRESETS.values() if p.model_class == type(model).__name__
+               and all(_norm(cfg.get(k)) == _norm(v) for k, v in p.config.items())]
+    return max(matches, key=lambda p: len(p.config), default=None)  # the most specific
+
+
+# ---------------------------------------------------------------------------------------------
+# FLUX packing (FluxPipeline._pack_latents / _unpack_latents / _prepare_latent_image_ids)
+
+def pack_flux_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): 2x2 patches, row-major, as FluxPipeline packs them."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_flux_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H/2 * W/2, 4C) -> (B, C, H, W); height/width in latent pixels."""
+    b, _, c4 = packed.shape
+    x = packed.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, height, width)
+
+
+def flux_image_ids(height: int, width: int, *, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """img_ids (H/2 * W/2, 3) = (0, row, col) per packed token; height/width in latent pixels."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] += torch.arange(height // 2)[:, None]
+    ids[..., 2] += torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+def example_inputs(name_or_model, *, batch: int = 1, height: int | None = None, width: int | None = None,
+                   seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
+                   t: float = 0.5, text_len: int | None = None) -> dict:
+    """One denoising step's inputs, in the conventions of the model's stock pipeline.
+
+    Returns {"sample", "timestep", "cond", "uncond", "negative", "height", "width"}: cond / uncond /
+    negative are keyword-argument dicts for `model(sample, timestep=timestep, **cond)`, with the
+    same keys and shapes and distinct random text embeddings (shared position ids, time ids and
+    FLUX guidance, as in the pipelines). `height`/`width` are latent pixels (default: the preset's,
+    or the config's sample_size for an unknown model); `t` is the noise level in (0, 1): sigma
+    for SD3/FLUX, t * 999 rounded for a UNet. Tensors are batch-major with batch `batch`, except
+    FLUX's 2-D img_ids / txt_ids. Random values come from a CPU generator, so they do not depend
+    on `device`.
+    """
+    if isinstance(name_or_model, str):
+        preset = get_preset(name_or_model)
+        family, cfg = preset.family, preset.config
+    else:
+        family, cfg = _family_of(name_or_model), dict(name_or_model.config)
+        preset = _preset_of(name_or_model)
+    if preset is not None:
+        default_hw = preset.latent
+        text_len = text_len or preset.text_len or _TEXT_LEN[family]
+    else:
+        s = cfg.get("sample_size") or 128
+        default_hw = (s, s) if isinstance(s, int) else tuple(s)
+        text_len = text_len or _TEXT_LEN[family]
+    h, w = height or default_hw[0], width or default_hw[1]
+    multiple = {"unet": 1, "sd3": cfg.get("patch_size", 1), "flux": 2}[family]
+    if h % multiple or w % multiple:
+        raise ValueError(f"latent {h}x{w} must be divisible by {multiple} for a {family} model")
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    B = batch
+    if family == "unet":
+        sample = randn(B, cfg["in_channels"], h, w)
+        timestep = torch.full((B,), round(t * 999), dtype=torch.long, device=device)
+        ctx = cfg["cross_attention_dim"]
+        ctx = ctx[0] if isinstance(ctx, (tuple, list)) else ctx
+        if cfg.get("addition_embed_type") == "text_time":
+            text_dim = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+            # (original h, w, crop top, left, target h, w) in image pixels, as SDXL's pipeline
+            ph, pw = h * _VAE_SCALE, w * _VAE_SCALE
+            time_ids = torch.tensor([ph, pw, 0, 0, ph, pw], dtype=dtype, device=device).repeat(B, 1)
+
+            def branch():
+                return {"encoder_hidden_states": randn(B, text_len, ctx),
+                        "added_cond_kwargs": {"text_embeds": randn(B, text_dim), "time_ids": time_ids.clone()}}
+        else:
+            def branch():
+                return {"encoder_hidden_states": randn(B, text_len, ctx)}
+    elif family == "sd3":
+        sample = randn(B, cfg["in_channels"], h, w)
+        timestep = torch.full((B,), t * 1000.0, dtype=torch.float32, device=device)
+
+        def branch():
+            return {"encoder_hidden_states": randn(B, text_len, cfg["joint_attention_dim"]),
+                    "pooled_projections": randn(B, cfg["pooled_projection_dim"])}
+    else:
+        sample = pack_flux_latents(randn(B, cfg["in_channels"] // 4, h, w))
+        timestep = torch.full((B,), t, dtype=dtype, device=device)
+        img_ids = flux_image_ids(h, w, device=device, dtype=dtype)
+
+        def branch():
+            kw = {"encoder_hidden_states": randn(B, text_len, cfg["joint_attention_dim"]),
+                  "pooled_projections": randn(B, cfg["pooled_projection_dim"]),
+                  "txt_ids": torch.zeros(text_len, 3, device=device, dtype=dtype),
+                  "img_ids": img_ids.clone()}
+            if cfg.get("guidance_embeds"):
+                kw["guidance"] = torch.full((B,), 3.5, device=device, dtype=dtype)  # FLUX.1-dev default
+            return kw
+
+    cond, uncond, negative = branch(), branch(), branch()
+    return {"sample": sample, "timestep": timestep, "cond": cond, "uncond": uncond,
+            "negative": negative, "height": h, "width": w}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny stock pipelines
+
+_CLIP_MAX_LEN = 77
+
+
+def _clip_tokenizer():
+    """A byte-level CLIP BPE tokenizer with no merges: every byte is a token (plus its end-of-word
+    form), which is all a random text encoder needs."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=_CLIP_MAX_LEN)
+
+
+def _t5_tokenizer():
+    """A T5 (Unigram) tokenizer over single characters, with T5's special ids: pad 0, eos 1, unk 2."""
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars + chars[:26].upper()]
+    vocab += [("\u2581" + c, -3.5) for c in chars + chars[:26].upper()]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _clip_text(tokenizer, hidden: int, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=_CLIP_MAX_LEN,
+        projection_dim=projection or hidden, hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _t5_text(tokenizer, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=2 * d_model, d_kv=8,
+                      num_heads=d_model // 8, num_layers=2, relative_attention_num_buckets=8,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def _vae(latent_channels: int, *, scaling_factor: float, shift_factor: float | None, quant_conv: bool):
+    """A tiny AutoencoderKL with the real 8x downsampling (4 levels)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=128,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+        use_quant_conv=quant_conv, use_post_quant_conv=quant_conv).eval()
+
+
+def _add_random_lora(model: nn.Module, seed: int) -> None:
+    """A rank-4 LoRA on every attention projection, registered through diffusers' peft integration
+    (`add_adapter`, so pipe.set_adapters / fuse_lora / lora scale work), with non-zero B so it
+    changes the output."""
+    try:
+        from peft import LoraConfig
+    except ImportError as e:  # diffusers' LoRA support is peft
+        raise ImportError("build_pipeline(lora=True) needs the `peft` package") from e
+    config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(config, adapter_name="tiny-lora")
+
+
+def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: bool = False):
+    """A stock diffusers pipeline around the tiny preset `name`, every component built in code.
+
+    tiny-sd15 -> StableDiffusionPipeline (DDIM), tiny-sdxl -> StableDiffusionXLPipeline
+    (EulerDiscrete), tiny-sd3 / tiny-sd35 -> StableDiffusion3Pipeline, tiny-flux -> FluxPipeline
+    (FlowMatchEulerDiscrete). `controlnet=True` (UNet presets only) gives the ControlNet variant
+    with a random ControlNetModel.from_unet (call it with `image=`, a control image in pixels);
+    `lora=True` adds a random LoRA adapter named "tiny-lora" to the denoiser (needs peft).
+    Default image size is 8x the preset latent (128 px); progress bars are off.
+    """
+    import diffusers as D
+
+    preset = get_preset(name)
+    if not preset.tiny:
+        raise ValueError(f"build_pipeline builds tiny presets only, not {name!r}")
+    if controlnet and preset.family != "unet":
+        raise ValueError("controlnet=True is supported for the UNet presets (tiny-sd15, tiny-sdxl)")
+    cfg = preset.config
+    denoiser = build_model(name, seed=seed)
+
+    # Everything else uses its library's own init, made deterministic by seeding a forked RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "tiny-sd15":
+            tok = _clip_tokenizer()
+            parts = dict(
+                vae=_vae(4, scaling_factor=0.18215, shift_factor=None, quant_conv=True),
+                text_encoder=_clip_text(tok, cfg["cross_attention_dim"]), tokenizer=tok, unet=denoiser,
+                scheduler=D.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                          clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            cls = D.StableDiffusionControlNetPipeline if controlnet else D.StableDiffusionPipeline
+        elif name == "tiny-sdxl":
+            tok, tok2 = _clip_tokenizer(), _clip_tokenizer()
+            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+            h1 = cfg["cross_attention_dim"] - pooled  # the two encoders' hidden states are concatenated
+            parts = dict(
+                vae=_vae(4, scaling_factor=0.13025, shift_factor=None, quant_conv=True),
+                text_encoder=_clip_text(tok, h1), tokenizer=tok,
+                text_encoder_2=_clip_text(tok2, pooled, projection=pooled), tokenizer_2=tok2,
+                unet=denoiser,
+                scheduler=D.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                   beta_schedule="scaled_linear", steps_offset=1,
+                                                   timestep_spacing="leading"),
+                add_watermarker=False)
+            cls = D.StableDiffusionXLControlNetPipeline if controlnet else D.StableDiffusionXLPipeline
+        elif preset.family == "sd3":
+            tok, tok2, tok3 = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer()
+            half = cfg["pooled_projection_dim"] // 2  # pooled = concat of the two CLIP projections
+            parts = dict(
+                vae=_vae(16, scaling_factor=1.5305, shift_factor=0.0609, quant_conv=False),
+                text_encoder=_clip_text(tok, half, projection=half), tokenizer=tok,
+                text_encoder_2=_clip_text(tok2, half, projection=half), tokenizer_2=tok2,
+                # CLIP hidden states (2 * half) are zero-padded up to the T5 width
+                text_encoder_3=_t5_text(tok3, cfg["joint_attention_dim"]), tokenizer_3=tok3,
+                transformer=denoiser,
+                scheduler=D.FlowMatchEulerDiscreteScheduler(shift=3.0))
+            cls = D.StableDiffusion3Pipeline
+        else:  # flux
+            tok, tok2 = _clip_tokenizer(), _t5_tokenizer()
+            parts = dict(
+                vae=_vae(16, scaling_factor=0.3611, shift_factor=0.1159, quant_conv=False),
+                text_encoder=_clip_text(tok, cfg["pooled_projection_dim"]), tokenizer=tok,
+                text_encoder_2=_t5_text(tok2, cfg["joint_attention_dim"]), tokenizer_2=tok2,
+                transformer=denoiser,
+                scheduler=D.FlowMatchEulerDiscreteScheduler(
+                    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096))
+            cls = D.FluxPipeline
+        if controlnet:
+            # conditioning embedding of 4 levels = the VAE's 8x; randomized so that the zero
+            # convolutions do not hide the control signal
+            parts["controlnet"] = randomize_(D.ControlNetModel.from_unet(
+                denoiser, conditioning_embedding_out_channels=(4, 4, 4, 4)), seed + 1).eval()
+    if lora:
+        _add_random_lora(denoiser, seed + 2)
+
+    pipe = cls(**parts)
+    if preset.family == "flux":
+        pipe.default_sample_size = preset.latent[0]  # FluxPipeline hard-codes 128 (1024 px)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

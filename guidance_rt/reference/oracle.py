@@ -1,0 +1,140 @@
+"""The sequential reference: one plain forward of the stock model per branch, then the combiner of
+shared/methods.md section 1 in float64."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..layers import model_family
+from ..terms import CFG, PAG, SEG, SLG, TPG, Guidance, Term
+from .perturb import perturbed
+
+KNOWN_TERMS = (CFG, PAG, SEG, TPG, SLG)
+
+
+@dataclass
+class Branch:
+    """One forward of a step: ``kind`` is "uncond", "cond" or the term's class name; ``index`` is
+    the term's position in ``guidance.terms`` (None for uncond / cond); ``scale`` is w for
+    uncond, 1 for cond and s_k for a perturbed branch."""
+
+    kind: str
+    index: int | None
+    term: Term | None
+    scale: float
+    prediction: torch.Tensor | None = None
+
+
+def _timestep_value(timestep) -> float:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.flatten()[0].item())
+    return float(timestep)
+
+
+def plan_branches(guidance: Guidance, timestep, step: int, num_steps: int) -> list[Branch]:
+    """The branches of this step, in run order: uncond (iff CFG is active), cond, then one per
+    perturbation term with a non-zero scale, in Guidance order."""
+    if not isinstance(guidance, Guidance):
+        raise TypeError(f"guidance must be a guidance_rt.Guidance, got {type(guidance).__name__}")
+    for term in guidance.terms:
+        if type(term) not in KNOWN_TERMS:
+            raise ValueError(f"reference.step does not implement {type(term).__name__}; it knows "
+                             f"{', '.join(t.__name__ for t in KNOWN_TERMS)}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
+        raise ValueError(f"step must be an int in [0, {num_steps}), got {step!r}")
+
+    branches = []
+    cfg = guidance.cfg
+    if cfg is not None:
+        w = cfg.step_scale(step, num_steps)
+        if w != 1.0:
+            branches.append(Branch("uncond", guidance.terms.index(cfg), cfg, w))
+    branches.append(Branch("cond", None, None, 1.0))
+    t = _timestep_value(timestep)
+    for index, term in enumerate(guidance.terms):
+        if type(term) is CFG:
+            continue
+        s = term.step_scale(step, num_steps, t)
+        if s != 0.0:
+            branches.append(Branch(type(term).__name__, index, term, s))
+    return branches
+
+
+def draw_tpg_seeds(branches: list[Branch], generator: torch.Generator | None) -> dict[int, int]:
+    """One seed per active TPG term, in Guidance order, drawn before any forward."""
+    seeds = {}
+    for branch in branches:
+        if branch.kind == "TPG":
+            device = generator.device if generator is not None else "cpu"
+            draw = torch.randint(0, 2**62, (1,), generator=generator, device=device)
+            seeds[branch.index] = int(draw)
+    return seeds
+
+
+def _forward(model: nn.Module, sample, timestep, kwargs: dict) -> torch.Tensor:
+    return model(sample, timestep=timestep, **kwargs, return_dict=False)[0]
+
+
+def branch_predictions(model: nn.Module, guidance: Guidance, sample: torch.Tensor, timestep, *,
+                       cond: dict, uncond: dict | None = None, negative: dict | None = None,
+                       step: int, num_steps: int,
+                       generator: torch.Generator | None = None) -> list[Branch]:
+    """Run every branch of the step (one plain forward each); returns them with predictions."""
+    model_family(model)  # clear error for unsupported models
+    branches = plan_branches(guidance, timestep, step, num_steps)
+    if branches[0].kind == "uncond" and uncond is None:
+        raise ValueError("CFG is active in this step: the uncond kwargs are required")
+    if cond is None:
+        raise ValueError("cond kwargs are required")
+    seeds = draw_tpg_seeds(branches, generator)
+    with torch.no_grad():
+        for branch in branches:
+            if branch.kind == "uncond":
+                branch.prediction = _forward(model, sample, timestep, uncond)
+            elif branch.kind == "cond":
+                branch.prediction = _forward(model, sample, timestep, cond)
+            else:
+                with perturbed(model, branch.term, sample=sample, kwargs=cond,
+                               tpg_seed=seeds.get(branch.index)):
+                    branch.prediction = _forward(model, sample, timestep, cond)
+    return branches
+
+
+def combine(branches: list[Branch], rescale: float = 0.0, dtype: torch.dtype | None = None):
+    """eps = u + w (c - u) + sum_k s_k (c - p_k)  (CFG on)  or  c + sum_k s_k (c - p_k), in
+    float64; then guidance_rescale r (only with CFG): r * eps * std(c) / std(eps) + (1 - r) eps,
+    std unbiased over every non-batch dim per sample."""
+    by_kind = {b.kind: b for b in branches if b.kind in ("uncond", "cond")}
+    c = by_kind["cond"].prediction.double()
+    dtype = dtype or by_kind["cond"].prediction.dtype
+    if "uncond" in by_kind:
+        u = by_kind["uncond"].prediction.double()
+        eps = u + by_kind["uncond"].scale * (c - u)
+    else:
+        eps = c.clone()
+    for b in branches:
+        if b.kind not in ("uncond", "cond"):
+            eps = eps + b.scale * (c - b.prediction.double())
+    if "uncond" in by_kind and rescale > 0:
+        dims = list(range(1, c.ndim))
+        std_c = c.std(dim=dims, keepdim=True)
+        std_eps = eps.std(dim=dims, keepdim=True)
+        eps = rescale * (eps * (std_c / std_eps)) + (1 - rescale) * eps
+    return eps.to(dtype)
+
+
+def step(model: nn.Module, guidance: Guidance, sample: torch.Tensor, timestep, *, cond: dict,
+         uncond: dict | None = None, negative: dict | None = None, step: int, num_steps: int,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """The guided prediction of one sampling step, by one plain forward of the stock model per
+    branch (uncond, cond, one per active perturbation term). The model is left exactly as it
+    was, also when a forward raises."""
+    branches = branch_predictions(model, guidance, sample, timestep, cond=cond, uncond=uncond,
+                                  negative=negative, step=step, num_steps=num_steps,
+                                  generator=generator)
+    rescale = guidance.cfg.rescale if guidance.cfg is not None else 0.0
+    return combine(branches, rescale, dtype=sample.dtype)

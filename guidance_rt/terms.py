@@ -1,0 +1,234 @@
+"""Guidance terms: validated, immutable configurations (shared/methods.md sections 1-4, 6).
+
+A term only says *what* to compute. Which rows exist in a step, where they fork and what each
+layer does to them is the plan's job (plan.py); the adapters execute it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Sequence
+
+LayerSpec = Any  # str | int | Sequence[str | int] | None (None: the model family's default)
+
+SKIP_KINDS = ("block", "attn", "ff")
+
+
+def _check_number(owner: str, name: str, value, lo=None, hi=None, finite=True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}.{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{owner}.{name} must be finite, got {value}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{owner}.{name} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{owner}.{name} must be <= {hi}, got {value}")
+    return value
+
+
+def _freeze_layers(layers: LayerSpec) -> LayerSpec:
+    if layers is None or isinstance(layers, (str, int)):
+        return layers
+    if isinstance(layers, Sequence):
+        out = tuple(layers)
+        if not out:
+            raise ValueError("layers must name at least one layer (got an empty list)")
+        for item in out:
+            if isinstance(item, bool) or not isinstance(item, (str, int)):
+                raise TypeError(f"layers entries must be names or block indices, got {item!r}")
+        return out
+    raise TypeError(f"layers must be a name, an index or a list of them, got {type(layers).__name__}")
+
+
+@dataclass(frozen=True)
+class Term:
+    """Common fields: ``scale`` (0 = off), step window ``start <= i / N < stop``."""
+
+    scale: float = 1.0
+    start: float = 0.0
+    stop: float = 1.0
+
+    def __post_init__(self):
+        name = type(self).__name__
+        object.__setattr__(self, "scale", _check_number(name, "scale", self.scale))
+        object.__setattr__(self, "start", _check_number(name, "start", self.start, 0.0, 1.0))
+        object.__setattr__(self, "stop", _check_number(name, "stop", self.stop, 0.0, 1.0))
+        if self.start > self.stop:
+            raise ValueError(f"{name}: start ({self.start}) must not exceed stop ({self.stop})")
+
+    def in_window(self, step: int, num_steps: int) -> bool:
+        return self.start <= step / num_steps < self.stop
+
+    def to_dict(self) -> dict:
+        d = {"type": type(self).__name__}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+
+@dataclass(frozen=True)
+class CFG(Term):
+    """Classifier-free guidance ``u + w (c - u)``; ``scale`` 1 means off. ``rescale`` is Lin et
+    al.'s guidance_rescale (0 = off)."""
+
+    scale: float = 5.0
+    rescale: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "rescale", _check_number("CFG", "rescale", self.rescale, 0.0, 1.0))
+
+    def step_scale(self, step: int, num_steps: int) -> float:
+        """The CFG weight in this step; 1.0 (no uncond row) outside the window."""
+        return self.scale if self.in_window(step, num_steps) else 1.0
+
+
+@dataclass(frozen=True)
+class PerturbationTerm(Term):
+    """A term that adds one perturbed branch ``p`` and the guidance ``scale * (c - p)``."""
+
+    layers: LayerSpec = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "layers", _freeze_layers(self.layers))
+
+    def step_scale(self, step: int, num_steps: int, timestep: float | None = None) -> float:
+        return self.scale if self.in_window(step, num_steps) else 0.0
+
+
+@dataclass(frozen=True)
+class PAG(PerturbationTerm):
+    """Perturbed-attention guidance: the chosen self-attention maps become the identity.
+
+    ``beta`` < 1 gives SoftPAG, ``A' = (1 - beta) A + beta I`` on the heads in ``heads`` (all
+    heads when None). ``adaptive_scale`` a makes the scale ``max(0, scale - a (1000 - t))``.
+    """
+
+    scale: float = 3.0
+    beta: float = 1.0
+    heads: tuple | None = None
+    adaptive_scale: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "beta", _check_number("PAG", "beta", self.beta, 0.0, 1.0))
+        object.__setattr__(self, "adaptive_scale",
+                           _check_number("PAG", "adaptive_scale", self.adaptive_scale, 0.0))
+        if self.heads is not None:
+            heads = tuple(self.heads) if not isinstance(self.heads, int) else (self.heads,)
+            if not heads or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in heads):
+                raise ValueError(f"PAG.heads must be non-negative head indices, got {self.heads!r}")
+            object.__setattr__(self, "heads", tuple(sorted(set(heads))))
+
+    def step_scale(self, step, num_steps, timestep=None):
+        s = super().step_scale(step, num_steps)
+        if s and self.adaptive_scale:
+            if timestep is None:
+                raise ValueError("PAG.adaptive_scale needs the step's timestep")
+            s = max(0.0, s - self.adaptive_scale * (1000.0 - float(timestep)))
+        return s
+
+
+@dataclass(frozen=True)
+class SEG(PerturbationTerm):
+    """Smoothed energy guidance: the chosen self-attention queries are blurred with a Gaussian
+    of ``sigma`` on the latent token grid; ``sigma > 9999`` (or inf) means their spatial mean."""
+
+    scale: float = 3.0
+    sigma: float = math.inf
+
+    INFINITE_ABOVE = 9999.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        sigma = _check_number("SEG", "sigma", self.sigma, finite=False)
+        if not sigma > 0:
+            raise ValueError(f"SEG.sigma must be > 0 (inf or > 9999 = infinite blur), got {sigma}")
+        object.__setattr__(self, "sigma", sigma)
+
+    @property
+    def infinite(self) -> bool:
+        return self.sigma > self.INFINITE_ABOVE
+
+
+@dataclass(frozen=True)
+class TPG(PerturbationTerm):
+    """Token perturbation guidance: image tokens are shuffled at the input of each chosen block
+    with a permutation drawn from the user's generator (one per layer per step)."""
+
+    scale: float = 3.0
+
+
+@dataclass(frozen=True)
+class SLG(PerturbationTerm):
+    """Skip-layer guidance: the chosen blocks are bypassed in the perturbed branch.
+
+    ``skip``: "block" (output = input), "attn" (attention sublayers add nothing) or "ff"
+    (feed-forward sublayers add nothing).
+    """
+
+    scale: float = 2.8
+    skip: str = "block"
+    start: float = 0.01
+    stop: float = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.skip not in SKIP_KINDS:
+            raise ValueError(f"SLG.skip must be one of {SKIP_KINDS}, got {self.skip!r}")
+
+
+TERM_TYPES = {cls.__name__: cls for cls in (CFG, PAG, SEG, TPG, SLG)}
+
+
+class Guidance:
+    """An ordered set of terms applied together in one packed forward per step."""
+
+    def __init__(self, *terms: Term):
+        if len(terms) == 1 and isinstance(terms[0], (list, tuple)):
+            terms = tuple(terms[0])
+        for t in terms:
+            if not isinstance(t, Term):
+                raise TypeError(f"Guidance takes terms such as grt.CFG(...), got {type(t).__name__}")
+        cfgs = [t for t in terms if isinstance(t, CFG)]
+        if len(cfgs) > 1:
+            raise ValueError("Guidance takes at most one CFG term")
+        self.terms: tuple[Term, ...] = tuple(terms)
+        self.cfg: CFG | None = cfgs[0] if cfgs else None
+        self.perturbations: tuple[PerturbationTerm, ...] = tuple(
+            t for t in terms if isinstance(t, PerturbationTerm))
+
+    def __repr__(self):
+        return f"Guidance({', '.join(map(repr, self.terms))})"
+
+    def __eq__(self, other):
+        return isinstance(other, Guidance) and self.terms == other.terms
+
+    def __hash__(self):
+        return hash(self.terms)
+
+    def needs_uncond(self) -> bool:
+        """Whether any step may need the unconditional row."""
+        return self.cfg is not None and self.cfg.scale != 1.0
+
+    def to_dict(self) -> dict:
+        return {"terms": [t.to_dict() for t in self.terms]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Guidance":
+        terms = []
+        for d in data["terms"]:
+            d = dict(d)
+            kind = d.pop("type", None)
+            if kind not in TERM_TYPES:
+                raise ValueError(f"unknown term type {kind!r}; valid: {sorted(TERM_TYPES)}")
+            terms.append(TERM_TYPES[kind](**d))
+        return cls(*terms)
+
+    def replace(self, index: int, **changes) -> "Guidance":
+        terms = list(self.terms)
+        terms[index] = replace(terms[index], **changes)
+        return Guidance(*terms)

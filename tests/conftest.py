@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from guidance_rt import presets
+
+# tiny models: one intra-op thread is fastest, and stays fast when the 2 CI cores are shared
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Tiny preset models, built once per session (tests never modify them)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = presets.build_model(name)
+        return cache[name]
+
+    return get
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def model_state(model) -> dict:
+    """Everything guidance-rt must leave untouched on a model."""
+    procs = {n: (type(m.processor), id(m.processor)) for n, m in model.named_modules() if hasattr(m, "processor")}
+    hooks = {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    forwards = {n: ("forward" in m.__dict__) for n, m in model.named_modules()}
+    return {"procs": procs, "hooks": hooks, "forwards": forwards, "training": model.training,
+            "params": {n: p.data_ptr() for n, p in model.named_parameters()}}

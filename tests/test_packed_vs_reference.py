@@ -1,0 +1,130 @@
+"""The packed GuidedDenoiser equals the sequential reference (written from methods.md) for every
+term alone and all together, on every preset family, and every term really changes the output."""
+import pytest
+import torch
+
+import guidance_rt as grt
+from guidance_rt import presets
+
+from .conftest import rel
+
+TOL = 1e-4       # fp32: packed vs one forward per branch (different op order and batch shapes)
+EFFECT = 1e-3    # a term must move the prediction far more than rounding
+
+# per preset: (latent h, w) non-square, and a set of terms addressing real layer names
+TERMS = {
+    "tiny-sd15": [grt.PAG(layers="mid"), grt.PAG(beta=0.5, heads=[0], layers="u3-u5"),
+                  grt.SEG(layers="mid"), grt.SEG(sigma=1.5, layers="u3"),
+                  grt.TPG(layers="d2-d5"), grt.SLG(layers="u4", start=0.0, stop=1.0),
+                  grt.SLG(layers="d1", skip="attn", start=0.0, stop=1.0),
+                  grt.SLG(layers="u6", skip="ff", start=0.0, stop=1.0)],
+    "tiny-sdxl": [grt.PAG(layers="mid"), grt.PAG(adaptive_scale=0.002, layers="mid"),
+                  grt.SEG(layers="mid"), grt.SEG(sigma=2.0, layers="u30-u35"),
+                  grt.TPG(layers="d6-d23"), grt.SLG(layers=["u3", "u4"], start=0.0, stop=1.0)],
+    "tiny-sd3": [grt.PAG(layers=5), grt.PAG(beta=0.3, layers=[5, 6]), grt.SEG(layers=3),
+                 grt.SEG(sigma=1.0, layers="3-4"), grt.TPG(layers="6-7"),
+                 grt.SLG(layers=[7, 8, 9]), grt.SLG(layers=23, skip="attn"), grt.SLG(layers=10, skip="ff")],
+    "tiny-sd35": [grt.PAG(layers=2), grt.SEG(sigma=1.0, layers=4), grt.TPG(layers=5),
+                  grt.SLG(layers=[7, 8, 9]), grt.SLG(layers=1, skip="attn")],
+    "tiny-flux": [grt.PAG(layers=2), grt.PAG(layers="s4"), grt.SEG(layers="s3"),
+                  grt.SEG(sigma=1.0, layers=[3, "s2"]), grt.TPG(layers=[4, "s5"]),
+                  grt.SLG(layers=[7, 8, 9]), grt.SLG(layers="s10", skip="attn"),
+                  grt.SLG(layers=["s11", 12], skip="ff")],
+}
+SHAPE = {"tiny-flux": (16, 20)}
+CFG_SCALE = {"tiny-flux": None}   # FLUX.1-dev is guidance-distilled: no CFG row by default
+
+
+def _run(model, guidance, inp, step=0, num_steps=1, seed=0):
+    kw = dict(cond=inp["cond"], uncond=inp["uncond"], step=step, num_steps=num_steps)
+    packed = grt.GuidedDenoiser(model, guidance)(inp["sample"], inp["timestep"],
+                                                  generator=torch.Generator().manual_seed(seed), **kw)
+    ref = grt.reference.step(model, guidance, inp["sample"], inp["timestep"],
+                             generator=torch.Generator().manual_seed(seed), **kw)
+    return packed, ref
+
+
+def _cfg(name):
+    return [] if CFG_SCALE.get(name, 5.0) is None else [grt.CFG(5.0)]
+
+
+CASES = [(name, i) for name, terms in TERMS.items() for i in range(len(terms))]
+
+
+@pytest.mark.parametrize("name,index", CASES, ids=[f"{n}-{TERMS[n][i]!r}"[:80] for n, i in CASES])
+def test_each_term_matches_reference_and_changes_output(tiny_model, name, index):
+    model = tiny_model(name)
+    h, w = SHAPE.get(name, (16, 24))
+    inp = presets.example_inputs(name, batch=1, height=h, width=w, seed=index)
+    term = TERMS[name][index]
+    term = type(term)(**{**term.__dict__, "start": 0.0, "stop": 1.0})
+    base = grt.Guidance(*_cfg(name))
+    packed, ref = _run(model, grt.Guidance(*_cfg(name), term), inp)
+    assert torch.isfinite(packed).all()
+    assert rel(packed, ref) < TOL
+    plain, plain_ref = _run(model, base, inp)
+    assert rel(plain, plain_ref) < TOL
+    assert rel(packed, plain) > EFFECT, f"{term!r} does not change the prediction"
+
+
+@pytest.mark.parametrize("name", list(TERMS))
+@pytest.mark.parametrize("batch", [1, 2])
+def test_all_terms_together(tiny_model, name, batch):
+    model = tiny_model(name)
+    h, w = SHAPE.get(name, (16, 24))
+    inp = presets.example_inputs(name, batch=batch, height=h, width=w, seed=7)
+    terms = TERMS[name]
+    pick = [next(t for t in terms if isinstance(t, cls)) for cls in (grt.PAG, grt.SEG, grt.TPG, grt.SLG)]
+    pick = [type(t)(**{**t.__dict__, "start": 0.0, "stop": 1.0}) for t in pick]
+    guidance = grt.Guidance(grt.CFG(4.0, rescale=0.7), *pick)
+    packed, ref = _run(model, guidance, inp, seed=batch)
+    assert rel(packed, ref) < TOL
+
+
+@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_windows_inside_and_outside(tiny_model, name):
+    """SLG 0.01-0.2 and CFG 0-0.5 over 10 steps: step 0 (SLG off), 1 (both on), 2 (SLG off by the
+    half-open window), 6 (CFG off)."""
+    model = tiny_model(name)
+    inp = presets.example_inputs(name, batch=1, seed=3)
+    layers = {"tiny-sdxl": "mid"}.get(name, [7, 8, 9])
+    guidance = grt.Guidance(grt.CFG(5.0, stop=0.5), grt.SLG(2.8, layers=layers, start=0.01, stop=0.2),
+                            grt.PAG(3.0, layers=layers[0] if isinstance(layers, list) else layers, start=0.5))
+    outs = {}
+    for step in (0, 1, 2, 6):
+        packed, ref = _run(model, guidance, inp, step=step, num_steps=10)
+        assert rel(packed, ref) < TOL, step
+        outs[step] = packed
+    only_cfg = grt.GuidedDenoiser(model, grt.Guidance(grt.CFG(5.0)))
+    kw = dict(cond=inp["cond"], uncond=inp["uncond"], num_steps=10)
+    assert torch.equal(outs[0], only_cfg(inp["sample"], inp["timestep"], step=0, **kw))
+    assert torch.equal(outs[2], only_cfg(inp["sample"], inp["timestep"], step=2, **kw))
+    assert rel(outs[1], outs[0]) > EFFECT
+
+
+@pytest.mark.parametrize("term", [grt.PAG(scale=0.0, layers="mid"), grt.SEG(scale=0.0, layers="mid"),
+                                  grt.TPG(scale=0.0), grt.SLG(scale=0.0, layers="mid"),
+                                  grt.PAG(scale=3.0, layers="mid", start=0.5)])
+def test_scale_zero_or_outside_window_is_off_and_adds_no_row(tiny_model, term):
+    model = tiny_model("tiny-sdxl")
+    inp = presets.example_inputs("tiny-sdxl", batch=2, seed=1)
+    kw = dict(cond=inp["cond"], uncond=inp["uncond"], step=0, num_steps=4)
+    den = grt.GuidedDenoiser(model, grt.Guidance(grt.CFG(5.0), term))
+    den.adapter.trace = {}
+    out = den(inp["sample"], inp["timestep"], **kw)
+    off = grt.GuidedDenoiser(model, grt.Guidance(grt.CFG(5.0)))(inp["sample"], inp["timestep"], **kw)
+    assert torch.equal(out, off)
+    assert set(den.adapter.trace.values()) == {4}   # uncond + cond rows only
+
+
+def test_tpg_reproducible_with_generator(tiny_model):
+    model = tiny_model("tiny-sdxl")
+    inp = presets.example_inputs("tiny-sdxl", seed=2)
+    guidance = grt.Guidance(grt.CFG(5.0), grt.TPG(layers="d6-d23"))
+    den = grt.GuidedDenoiser(model, guidance)
+    kw = dict(cond=inp["cond"], uncond=inp["uncond"], step=0, num_steps=1)
+    a = den(inp["sample"], inp["timestep"], generator=torch.Generator().manual_seed(1), **kw)
+    b = den(inp["sample"], inp["timestep"], generator=torch.Generator().manual_seed(1), **kw)
+    c = den(inp["sample"], inp["timestep"], generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(a, b)
+    assert rel(a, c) > EFFECT
