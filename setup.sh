@@ -10,4 +10,6 @@ py=.venv/bin/python
 if ! "$py" -c "import torch" 2>/dev/null; then
     "$py" -m pip install -q torch==2.13.0
 fi
+# without build isolation the build tools come from the venv itself
+"$py" -m pip install -q --upgrade "setuptools>=64" wheel
 "$py" -m pip install -q --no-build-isolation -e ".[test]"
