@@ -109,6 +109,30 @@ def mmdit_identity_map(image: slice) -> Callable:
     return pag_map
 
 
+# ---------------------------------------------------------------- NAG
+
+
+def nag_combine(zp: torch.Tensor, zn: torch.Tensor, phi: float, tau: float, alpha: float, norm: int) -> torch.Tensor:
+    """methods.md section 5, per token over all heads' channels (last dim, before to_out)."""
+    acc = torch.promote_types(zp.dtype, torch.float32)
+    zp32, zn32 = zp.to(acc), zn.to(acc)
+    zt = phi * zp32 - (phi - 1) * zn32
+    ratio = zt.norm(p=norm, dim=-1, keepdim=True) / zp32.norm(p=norm, dim=-1, keepdim=True)
+    # a zero norm on either side leaves Zt unclipped rather than producing 0/0
+    factor = torch.where(torch.isfinite(ratio) & (ratio > 0), ratio.clamp(max=tau) / ratio, torch.ones_like(ratio))
+    return (alpha * zt * factor + (1 - alpha) * zp32).to(zp.dtype)
+
+
+def shift_segments(segments: tuple[Segment, ...], start: int) -> tuple[Segment, ...]:
+    """The segments of rows [start, ...) re-based to start at 0 (the positive rows for NAG)."""
+    out = []
+    for s in segments:
+        lo, hi = max(s.start, start), s.end
+        if hi > lo:
+            out.append(Segment(lo - start, hi - start, s.mode, s.beta, s.heads, s.sigma))
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- dispatch
 
 

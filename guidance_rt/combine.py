@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .plan import StepPlan
+from .scfg import smooth3x3
 
 
 def rescale(eps: torch.Tensor, cond: torch.Tensor, r: float) -> torch.Tensor:
@@ -13,16 +14,35 @@ def rescale(eps: torch.Tensor, cond: torch.Tensor, r: float) -> torch.Tensor:
     return r * (eps * ratio) + (1 - r) * eps
 
 
+def scfg_rate(u: torch.Tensor, c: torch.Tensor, region: torch.Tensor, foreground: torch.Tensor,
+              scale: float, clamp: tuple[float, float], max_product: float) -> torch.Tensor:
+    """S-CFG's rate map (B, 1, H, W) (methods.md section 7, step 5): every region's guidance norm
+    brought to the foreground's mean norm."""
+    n = (c - u).norm(dim=1, keepdim=True)
+    dims = (2, 3)
+    region_norm = (n * region).sum(dims) / (region.sum(dims) + 1e-8)          # (B, T)
+    fore_norm = (n * foreground).sum(dims) / (foreground.sum(dims) + 1e-8)    # (B, 1)
+    present = (region.sum(dims) > 0).to(n.dtype)
+    rate_k = fore_norm * present / (region_norm + 1e-8)
+    rate = (rate_k[:, :, None, None] * region).sum(1, keepdim=True)
+    rate = rate.clamp(clamp[0], clamp[1])
+    if scale > 0:
+        rate = rate.clamp(max=max_product / scale)
+    return smooth3x3(rate)
+
+
 def combine(out: torch.Tensor, plan: StepPlan, cfg_scale: float, scales: tuple[float, ...],
-            cfg_rescale: float = 0.0) -> torch.Tensor:
+            cfg_rescale: float = 0.0, rate=None) -> torch.Tensor:
     """eps = u + w (c - u) + sum_k s_k (c - p_k), or c + sum_k s_k (c - p_k) without an uncond
-    row. `scales` follow plan.branches. Accumulates in fp32 at least."""
+    row. `scales` follow plan.branches. `rate` (S-CFG): a per-pixel map multiplying w, or a
+    function (u, c) -> that map. Accumulates in fp32 at least."""
     acc = torch.promote_types(out.dtype, torch.float32)
     c = out[plan.cond_rows].to(acc)
     eps = c.clone()
     if plan.has_uncond:
         u = out[: plan.batch].to(acc)
-        eps = u + cfg_scale * (c - u)
+        weight = cfg_scale if rate is None else cfg_scale * rate(u, c)
+        eps = u + weight * (c - u)
     for k, s in enumerate(scales):
         eps = eps + s * (c - out[plan.branch_rows(k)].to(acc))
     if plan.has_uncond and cfg_rescale > 0:

@@ -1,14 +1,27 @@
 """GuidedDenoiser: one packed forward per step for every branch the guidance needs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from .adapters import adapter_for
-from .combine import combine
+from .combine import combine, scfg_rate
 from .layers import model_family, resolve_layers
 from .plan import StepPlan, build_plan
-from .terms import Guidance, PerturbationTerm, TPG
+from .scfg import SemanticMaps
+from .terms import SCFG, SLG, Guidance, PerturbationTerm, TPG
+
+
+@dataclass(frozen=True)
+class NagStep:
+    """NAG's parameters in one step (methods.md section 5)."""
+
+    phi: float
+    tau: float
+    alpha: float
+    norm: int
 
 # forward arguments that are not batched per sample (shared by every row)
 UNBATCHED = {"flux": ("txt_ids", "img_ids")}
@@ -64,10 +77,20 @@ class GuidedDenoiser:
         self.model = model
         self.guidance = guidance
         self.check_inputs = check_inputs
+        if isinstance(guidance.cfg, SCFG) and self.family != "unet":
+            raise NotImplementedError(f"SCFG (semantic-aware CFG) is supported on UNet models (SD1.5, SDXL) "
+                                      f"only, not on {type(model).__name__}; use CFG")
         self.adapter = adapter_for(model)
-        self.layers_of = {i: resolve_layers(model, t.layers, type(t).__name__)
+        # weighted multi-skip pairs weights with layers in the order the user named them
+        self.layers_of = {i: resolve_layers(model, t.layers, type(t).__name__,
+                                            keep_order=isinstance(t, SLG) and t.weights is not None)
                           for i, t in enumerate(guidance.terms) if isinstance(t, PerturbationTerm)}
+        for i, t in enumerate(guidance.terms):
+            if isinstance(t, SLG) and t.weights is not None and len(t.weights) != len(self.layers_of[i]):
+                raise ValueError(f"SLG.weights has {len(t.weights)} entries but its layers resolve to "
+                                 f"{len(self.layers_of[i])} blocks ({', '.join(l.name for l in self.layers_of[i])})")
         self._plans: dict[tuple, StepPlan] = {}
+        self.last_rate: torch.Tensor | None = None   # S-CFG's rate map of the last step
 
     # ---------------------------------------------------------------- per step
 
@@ -82,14 +105,17 @@ class GuidedDenoiser:
         for i, t in enumerate(g.terms):
             if isinstance(t, PerturbationTerm):
                 s = t.step_scale(step, num_steps, t_value)
+                if isinstance(t, SLG):
+                    s = t.coefficient(s)
                 if s != 0:
                     active.append((i, t, s))
         return w, active
 
-    def plan(self, batch: int, has_uncond: bool, active) -> StepPlan:
-        key = (batch, has_uncond, tuple(i for i, _, _ in active))
+    def plan(self, batch: int, has_uncond: bool, active, nag: bool = False) -> StepPlan:
+        key = (batch, has_uncond, tuple(i for i, _, _ in active), nag)
         if key not in self._plans:
-            self._plans[key] = build_plan(self.layers_of, tuple((i, t) for i, t, _ in active), batch, has_uncond)
+            self._plans[key] = build_plan(self.layers_of, tuple((i, t) for i, t, _ in active), batch,
+                                          has_uncond, nag)
         return self._plans[key]
 
     def __call__(self, sample: torch.Tensor, timestep, *, cond: dict, uncond: dict | None = None,
@@ -103,6 +129,15 @@ class GuidedDenoiser:
         unbatched = UNBATCHED.get(self.family, ())
         w, active = self.branch_scales(step, num_steps, timestep)
         has_uncond = w != 1.0
+        g = self.guidance
+        nag = None
+        if g.nag is not None and g.nag.step_scale(step, num_steps) != 1.0:
+            nag = NagStep(g.nag.scale, g.nag.tau, g.nag.alpha_for(self.family), g.nag.norm)
+            if nag.alpha == 0.0:
+                nag = None
+        if nag is not None and negative is None:
+            raise ValueError("NAG is active but negative is None: pass the NAG negative prompt's "
+                             "forward arguments as negative=...")
         if self.check_inputs:
             if not torch.isfinite(sample).all():
                 raise ValueError("sample contains NaN or Inf values")
@@ -112,7 +147,9 @@ class GuidedDenoiser:
                     raise ValueError(f"CFG(scale={w}) is active at step {step} but uncond is None; pass the "
                                      "unconditional (negative prompt) forward arguments")
                 _check_batch(uncond, batch, unbatched, "uncond")
-        plan = self.plan(batch, has_uncond, active)
+            if nag is not None:
+                _check_batch(negative, batch, unbatched, "negative")
+        plan = self.plan(batch, has_uncond, active, nag is not None)
         base = _merge(uncond, cond, "uncond/cond", unbatched) if has_uncond else cond
         groups = plan.base_rows // batch
         t = torch.as_tensor(timestep, device=sample.device)
@@ -123,16 +160,28 @@ class GuidedDenoiser:
         else:
             raise ValueError(f"timestep must be a scalar or have one value per sample ({batch}), got shape {tuple(t.shape)}")
         perms = self._permutations(plan, generator, sample.device)
+        cfg = g.cfg
+        extra = {}
+        if isinstance(cfg, SCFG) and has_uncond:
+            extra["maps"] = SemanticMaps(cfg.R, cfg.completion, tuple(sample.shape[-2:]), batch)
+        self.last_rate = None
         with torch.no_grad():
-            out = self.adapter.forward(plan, sample, t, base, perms)
-            cfg = self.guidance.cfg
+            out = self.adapter.forward(plan, sample, t, base, perms, negative if nag else None, nag, **extra)
+            rate = None
+            if extra:
+                region, foreground = extra["maps"].masks()
+
+                def rate(u, c):   # S-CFG's per-pixel CFG scale, kept for inspection
+                    self.last_rate = scfg_rate(u, c, region.to(u.dtype), foreground.to(u.dtype), w,
+                                               cfg.clamp, cfg.max_product)
+                    return self.last_rate
             return combine(out, plan, w, tuple(s for _, _, s in self._ordered(plan, active)),
-                           cfg.rescale if cfg is not None else 0.0)
+                           cfg.rescale if cfg is not None else 0.0, rate)
 
     @staticmethod
     def _ordered(plan: StepPlan, active):
-        by_index = {i: (i, t, s) for i, t, s in active}
-        return [by_index[b.term_index] for b in plan.branches]
+        by_index = {i: s for i, _, s in active}
+        return [(b.term_index, b.term, by_index[b.term_index] * b.weight) for b in plan.branches]
 
     def _permutations(self, plan: StepPlan, generator, device):
         """TPG permutations: one seed per active TPG term per step from the user's generator, then

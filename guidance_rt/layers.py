@@ -126,9 +126,10 @@ def _match_one(item, layers: list[Layer], family: str) -> list[Layer]:
             if layer.path == text or layer.path.startswith(text + ".") or text.startswith(layer.path + ".")]
 
 
-def resolve_layers(model: nn.Module, spec, term: str = "layers") -> tuple[Layer, ...]:
+def resolve_layers(model: nn.Module, spec, term: str = "layers", keep_order: bool = False) -> tuple[Layer, ...]:
     """Resolve a layer spec (name, index, range, part, module path, or a list of them) to blocks,
-    sorted in execution order. Unknown names raise LayerNotFoundError listing the valid ones."""
+    sorted in execution order (`keep_order`: in the order the spec names them, for per-layer
+    weights). Unknown names raise LayerNotFoundError listing the valid ones."""
     family = model_family(model)
     layers = enumerate_layers(model)
     if spec is None:
@@ -144,5 +145,5 @@ def resolve_layers(model: nn.Module, spec, term: str = "layers") -> tuple[Layer,
                 f"{term}: layer {item!r} matches no block of this {type(model).__name__}; "
                 f"{_describe(layers)}")
         for layer in found:
-            chosen[layer.position] = layer
-    return tuple(chosen[p] for p in sorted(chosen))
+            chosen.setdefault(layer.position, layer)
+    return tuple(chosen.values()) if keep_order else tuple(chosen[p] for p in sorted(chosen))

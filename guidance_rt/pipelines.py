@@ -57,6 +57,7 @@ class _Session:
         self.encoded: list = []          # FLUX: encode_prompt results (positive, then negative)
         self.pending = None              # FLUX true CFG: eps returned again for the uncond call
         self.pipe = None
+        self.negative = None             # NAG negative conditioning, encoded once per call
 
 
 def _split(value, batch: int, half: int):
@@ -141,7 +142,13 @@ def _denoiser_forward(session: _Session, original_forward):
         if step >= pipe_steps:
             raise RuntimeError(f"guided(): denoiser called {step + 1} times in a {pipe_steps}-step run; "
                                "only pipelines that call the denoiser once per step are supported")
-        eps = den(sample, t, cond=cond, uncond=uncond, step=step, num_steps=pipe_steps,
+        negative = None
+        if session.nag_text is not None:
+            if session.negative is None:
+                session.negative = _encode_nag_negative(session.pipe, session.original_class, session.kind,
+                                                        session.nag_text)
+            negative = _rows(session.negative, sample.shape[0])
+        eps = den(sample, t, cond=cond, uncond=uncond, negative=negative, step=step, num_steps=pipe_steps,
                   generator=session.generator)
         if session.kind == "FluxPipeline":
             if uncond is not None:
@@ -152,6 +159,28 @@ def _denoiser_forward(session: _Session, original_forward):
         return _wrap(eps, return_dict, den)
 
     return forward
+
+
+def _encode_nag_negative(pipe, original_class, kind: str, text: str) -> dict:
+    """The NAG negative prompt through the pipeline's own text encoders (one row)."""
+    device = pipe._execution_device
+    encode = lambda **kw: original_class.encode_prompt(pipe, **kw)
+    if kind == "FluxPipeline":
+        embeds, pooled, ids = encode(prompt=text, prompt_2=None, device=device, num_images_per_prompt=1)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": ids}
+    if kind == "StableDiffusion3Pipeline":
+        embeds, _, pooled, _ = encode(prompt=text, prompt_2=None, prompt_3=None, device=device,
+                                      num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    if kind == "StableDiffusionPipeline":
+        embeds, _ = encode(prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    else:
+        embeds = encode(prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    return {"encoder_hidden_states": embeds}
+
+
+def _rows(d: dict, batch: int, unbatched=("txt_ids", "img_ids")) -> dict:
+    return {k: v if k in unbatched else v.expand(batch, *v.shape[1:]) for k, v in d.items()}
 
 
 def _wrap(out, return_dict, den):
@@ -165,15 +194,21 @@ def _wrap(out, return_dict, den):
 
 
 @contextlib.contextmanager
-def guided(pipe, guidance: Guidance):
-    """Run a stock diffusers pipeline's own __call__ with one packed forward per step."""
+def guided(pipe, guidance: Guidance, *, nag_negative_prompt: str | None = None):
+    """Run a stock diffusers pipeline's own __call__ with one packed forward per step.
+    With a NAG term, `nag_negative_prompt` is encoded by the pipeline's own text encoders."""
     if not isinstance(guidance, Guidance):
         raise TypeError(f"guidance must be a grt.Guidance, got {type(guidance).__name__}")
     kind = _pipeline_kind(pipe)
+    if guidance.nag is not None and nag_negative_prompt is None:
+        raise ValueError("the Guidance has a NAG term: pass guided(pipe, guidance, nag_negative_prompt=...) "
+                         "(NAG guides away from that prompt)")
     model = getattr(pipe, SUPPORTED_PIPELINES[kind])
     den = GuidedDenoiser(model, guidance)
     session = _Session(den, kind)
+    session.nag_text = nag_negative_prompt if guidance.nag is not None else None
     original_class = type(pipe)
+    session.original_class = original_class
     had_forward = "forward" in model.__dict__
     original_forward = model.__dict__.get("forward")
     stock_forward = model.forward

@@ -48,6 +48,7 @@ class Branch:
     term_index: int
     term: PerturbationTerm
     positions: frozenset[int]   # blocks its perturbation touches
+    weight: float = 1.0         # share of the term's guidance (SLG weighted multi-skip)
 
     @property
     def fork(self) -> int:
@@ -99,6 +100,7 @@ class BlockPlan:
     rows: int                          # live rows after this block's forks
     forks: int = 0                     # branches that fork at this block (cond copies appended)
     run: RowSet | None = None          # None: all rows run the block
+    run_pos: RowSet | None = None      # the same subset among the positive rows (NAG streams)
     shuffle: tuple = ()                # ((start, end, term_index), ...) TPG rows, run-relative
     self_attn: tuple = ()              # Segments covering the run rows; () = all normal
     skip_attn: tuple = ()              # ((start, end), ...) run-relative rows whose attention adds 0
@@ -120,6 +122,7 @@ class StepPlan:
     base_rows: int                     # rows before the first fork: (uncond +) cond
     total_rows: int
     row_source: torch.Tensor           # (total_rows,) index of each row's base row
+    nag: bool = False                  # NAG active: positive rows (cond + branches) get it
     tpg_positions: dict = field(default_factory=dict)   # term_index -> tuple of positions
     _row_source_on: dict = field(default_factory=dict)
 
@@ -127,6 +130,18 @@ class StepPlan:
     def cond_rows(self) -> slice:
         start = self.batch if self.has_uncond else 0
         return slice(start, start + self.batch)
+
+    @property
+    def pos_start(self) -> int:
+        """First positive row: everything from here on is conditioned on the positive prompt."""
+        return self.cond_rows.start
+
+    def sample_index(self, device) -> torch.Tensor:
+        """(total_rows,) the user sample each row belongs to."""
+        key = ("sample", device)
+        if key not in self._row_source_on:
+            self._row_source_on[key] = (torch.arange(self.total_rows) % self.batch).to(device)
+        return self._row_source_on[key]
 
     def branch_rows(self, k: int) -> slice:
         start = self.base_rows + k * self.batch
@@ -182,10 +197,17 @@ def _attn_variant(term: PerturbationTerm) -> Segment | None:
 
 
 def build_plan(layers_of: dict[int, tuple[Layer, ...]], active: tuple[tuple[int, PerturbationTerm], ...],
-               batch: int, has_uncond: bool) -> StepPlan:
+               batch: int, has_uncond: bool, nag: bool = False) -> StepPlan:
     """layers_of: term index -> resolved layers; active: (term index, term) of the perturbation
     terms that have a row this step, in Guidance order."""
-    branches = [Branch(i, t, frozenset(l.position for l in layers_of[i])) for i, t in active]
+    branches = []
+    for i, t in active:
+        layers = layers_of[i]
+        if isinstance(t, SLG) and t.weights is not None:   # one branch per skipped layer
+            total = sum(t.weights)
+            branches += [Branch(i, t, frozenset([l.position]), a / total) for l, a in zip(layers, t.weights)]
+        else:
+            branches.append(Branch(i, t, frozenset(l.position for l in layers)))
     branches.sort(key=lambda b: (b.fork, b.term_index))
     base = 2 * batch if has_uncond else batch
     total = base + batch * len(branches)
@@ -223,12 +245,15 @@ def build_plan(layers_of: dict[int, tuple[Layer, ...]], active: tuple[tuple[int,
                 skip_attn.append((lo, hi))
             if touched and isinstance(b.term, SLG) and b.term.skip == "ff":
                 skip_ff.append((lo, hi))
+        partial = len(run_rows) < rows
         blocks[p] = BlockPlan(
             position=p, rows=rows, forks=forks,
-            run=None if len(run_rows) == rows else RowSet(run_rows, rows),
+            run=RowSet(run_rows, rows) if partial else None,
+            run_pos=RowSet([r - cond_start for r in run_rows if r >= cond_start], rows - cond_start)
+            if partial else None,
             shuffle=tuple(shuffle), self_attn=_segments(spans),
             skip_attn=tuple(skip_attn), skip_ff=tuple(skip_ff))
     tpg_positions = {b.term_index: tuple(sorted(b.positions)) for b in branches if isinstance(b.term, TPG)}
     return StepPlan(batch=batch, has_uncond=has_uncond, branches=tuple(branches), blocks=blocks,
                     base_rows=base, total_rows=total, row_source=torch.tensor(source, dtype=torch.long),
-                    tpg_positions=tpg_positions)
+                    nag=nag, tpg_positions=tpg_positions)

@@ -86,6 +86,33 @@ class CFG(Term):
 
 
 @dataclass(frozen=True)
+class SCFG(CFG):
+    """Semantic-aware CFG (methods.md section 7): CFG whose scale is a per-pixel map, equalising
+    the guidance strength over the semantic regions found in the step's own attention maps.
+    Takes CFG's place. ``completion``: "code" ((A + 3 A^2) / 4, the published code) or "paper"
+    ((A + A^2 + A^3 + A^4) / 4). The rate is clamped to ``clamp`` and to ``max_product / scale``.
+    UNet models only (SD1.5, SDXL)."""
+
+    scale: float = 7.5
+    R: int = 4
+    completion: str = "code"
+    clamp: tuple = (0.8, 3.0)
+    max_product: float = 15.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.R, bool) or not isinstance(self.R, int) or self.R < 1:
+            raise ValueError(f"SCFG.R must be a positive integer, got {self.R!r}")
+        if self.completion not in ("code", "paper"):
+            raise ValueError(f"SCFG.completion must be 'code' or 'paper', got {self.completion!r}")
+        lo, hi = (_check_number("SCFG", "clamp", v) for v in self.clamp)
+        if not 0 < lo <= hi:
+            raise ValueError(f"SCFG.clamp must be (low, high) with 0 < low <= high, got {self.clamp!r}")
+        object.__setattr__(self, "clamp", (lo, hi))
+        object.__setattr__(self, "max_product", _check_number("SCFG", "max_product", self.max_product, 0.0))
+
+
+@dataclass(frozen=True)
 class PerturbationTerm(Term):
     """A term that adds one perturbed branch ``p`` and the guidance ``scale * (c - p)``."""
 
@@ -168,20 +195,78 @@ class SLG(PerturbationTerm):
 
     ``skip``: "block" (output = input), "attn" (attention sublayers add nothing) or "ff"
     (feed-forward sublayers add nothing).
+
+    CSLG (contrastive skip-layer guidance, methods.md section 6):
+    - ``form="cslg"`` reads ``scale`` as CSLG's s: without CFG ``eps = p + s (c - p)`` (the FLUX
+      form), with CFG ``eps = u + w (c - u) + (s - 1)(c - p)`` (the SD3 form). ``form="slg"``
+      (default) adds ``scale * (c - p)``.
+    - ``weights`` (one positive number per layer, in the order ``layers`` names them): weighted
+      multi-skip, ``p = sum_l a_l p_l / sum_l a_l`` with one layer skipped in each ``p_l``; every
+      ``p_l`` is a row of the same packed forward.
     """
 
     scale: float = 2.8
     skip: str = "block"
     start: float = 0.01
     stop: float = 0.2
+    form: str = "slg"
+    weights: tuple | None = None
+
+    FORMS = ("slg", "cslg")
 
     def __post_init__(self):
         super().__post_init__()
         if self.skip not in SKIP_KINDS:
             raise ValueError(f"SLG.skip must be one of {SKIP_KINDS}, got {self.skip!r}")
+        if self.form not in self.FORMS:
+            raise ValueError(f"SLG.form must be one of {self.FORMS}, got {self.form!r}")
+        if self.weights is not None:
+            weights = tuple(_check_number("SLG", "weights", w) for w in self.weights)
+            if not weights or any(w <= 0 for w in weights):
+                raise ValueError(f"SLG.weights must be positive numbers, one per layer, got {self.weights!r}")
+            object.__setattr__(self, "weights", weights)
+
+    def coefficient(self, s: float) -> float:
+        """The weight of (c - p) in the combiner for step scale s."""
+        return s - 1.0 if self.form == "cslg" and s != 0 else s
 
 
-TERM_TYPES = {cls.__name__: cls for cls in (CFG, PAG, SEG, TPG, SLG)}
+NAG_DEFAULT_ALPHA = {"unet": 0.5, "sd3": 0.125, "flux": 0.25}
+
+
+@dataclass(frozen=True)
+class NAG(Term):
+    """Normalized attention guidance (methods.md section 5), inside the positive rows' attention:
+    ``Zt = phi Zp - (phi - 1) Zn``, clipped to ``tau`` times ``|Zp|`` (``norm``-norm over all
+    heads of a token), blended ``alpha Zt' + (1 - alpha) Zp``. It adds no branch; it needs the
+    negative prompt's conditioning.
+
+    ``scale`` is phi in the code convention: 1 means off, and the paper's scale is ``scale - 1``.
+    ``alpha=None`` takes the model family's default (SD1.5/SDXL 0.5, SD3 0.125, FLUX 0.25).
+    """
+
+    scale: float = 5.0
+    tau: float = 2.5
+    alpha: float | None = None
+    norm: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "tau", _check_number("NAG", "tau", self.tau, 0.0))
+        if self.alpha is not None:
+            object.__setattr__(self, "alpha", _check_number("NAG", "alpha", self.alpha, 0.0, 1.0))
+        if self.norm not in (1, 2):
+            raise ValueError(f"NAG.norm must be 1 or 2, got {self.norm!r}")
+
+    def step_scale(self, step: int, num_steps: int) -> float:
+        """phi in this step; 1.0 (off) outside the window."""
+        return self.scale if self.in_window(step, num_steps) else 1.0
+
+    def alpha_for(self, family: str) -> float:
+        return NAG_DEFAULT_ALPHA[family] if self.alpha is None else self.alpha
+
+
+TERM_TYPES = {cls.__name__: cls for cls in (CFG, SCFG, PAG, SEG, TPG, SLG, NAG)}
 
 
 class Guidance:
@@ -195,7 +280,11 @@ class Guidance:
                 raise TypeError(f"Guidance takes terms such as grt.CFG(...), got {type(t).__name__}")
         cfgs = [t for t in terms if isinstance(t, CFG)]
         if len(cfgs) > 1:
-            raise ValueError("Guidance takes at most one CFG term")
+            raise ValueError("Guidance takes at most one CFG term (SCFG takes CFG's place)")
+        nags = [t for t in terms if isinstance(t, NAG)]
+        if len(nags) > 1:
+            raise ValueError("Guidance takes at most one NAG term")
+        self.nag: NAG | None = nags[0] if nags else None
         self.terms: tuple[Term, ...] = tuple(terms)
         self.cfg: CFG | None = cfgs[0] if cfgs else None
         self.perturbations: tuple[PerturbationTerm, ...] = tuple(

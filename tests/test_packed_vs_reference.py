@@ -128,3 +128,41 @@ def test_tpg_reproducible_with_generator(tiny_model):
     c = den(inp["sample"], inp["timestep"], generator=torch.Generator().manual_seed(2), **kw)
     assert torch.equal(a, b)
     assert rel(a, c) > EFFECT
+
+
+@pytest.mark.parametrize("name,layers", [("tiny-flux", [3, 8, 6, 10, 14]), ("tiny-sd3", [7, 8, 9])])
+def test_cslg_forms_and_multi_skip(tiny_model, name, layers):
+    """CSLG (methods.md 6): the FLUX form p + s (c - p) without uncond, the SD3 form
+    u + w (c - u) + (s - 1)(c - p), and weighted multi-skip, all in one packed forward."""
+    model = tiny_model(name)
+    inp = presets.example_inputs(name, batch=2, seed=8)
+    s, weights = 3.0, tuple(float(i + 1) for i in range(len(layers)))
+    kw = dict(cond=inp["cond"], uncond=inp["uncond"], step=0, num_steps=1)
+    branches = grt.reference.branch_predictions(model, grt.Guidance(grt.CFG(4.0)), inp["sample"], inp["timestep"], **kw)
+    u, c = (b.prediction.double() for b in branches)
+    singles = []
+    for layer in layers:
+        g = grt.Guidance(grt.SLG(1.0, layers=[layer], start=0.0, stop=1.0))
+        singles.append(grt.reference.branch_predictions(model, g, inp["sample"], inp["timestep"], **kw)[1].prediction.double())
+    p_multi = sum(a * p for a, p in zip(weights, singles)) / sum(weights)
+    cases = {
+        "flux-form": (grt.Guidance(grt.SLG(s, layers=layers, start=0.0, stop=1.0, form="cslg", weights=weights)),
+                      p_multi + s * (c - p_multi)),
+        "sd3-form": (grt.Guidance(grt.CFG(4.0), grt.SLG(s, layers=layers, start=0.0, stop=1.0, form="cslg", weights=weights)),
+                     u + 4.0 * (c - u) + (s - 1) * (c - p_multi)),
+    }
+    for label, (guidance, expected) in cases.items():
+        den = grt.GuidedDenoiser(model, guidance)
+        den.adapter.trace = {}
+        packed = den(inp["sample"], inp["timestep"], **kw)
+        ref = grt.reference.step(model, guidance, inp["sample"], inp["timestep"], **kw)
+        assert rel(packed, expected.float()) < TOL, label
+        assert rel(ref, expected.float()) < TOL, label
+        base = 2 * 2 if guidance.cfg else 2
+        total = base + 2 * len(layers)                    # one row group per single-layer skip
+        assert max(den.adapter.trace.values()) == total
+        assert den.adapter.trace[max(layers)] == total - 2   # only that layer's rows skip it
+    with pytest.raises(ValueError, match="weights has 2 entries"):
+        grt.GuidedDenoiser(model, grt.Guidance(grt.SLG(layers=layers, weights=(1.0, 2.0))))
+    with pytest.raises(ValueError, match="positive"):
+        grt.SLG(layers=layers, weights=(1.0, -1.0))

@@ -24,12 +24,13 @@ class Adapter:
     # ---------------------------------------------------------------- rows
 
     @staticmethod
-    def grow(t: torch.Tensor | None, rows: int, plan: StepPlan) -> torch.Tensor | None:
-        """Append cond-row copies for the branches that forked after `t` was computed."""
+    def grow(t: torch.Tensor | None, rows: int, plan: StepPlan, cond: slice | None = None) -> torch.Tensor | None:
+        """Append cond-row copies for the branches that forked after `t` was computed
+        (`cond`: where the cond rows are in `t`, if not at the layout's place)."""
         if t is None or t.shape[0] >= rows:
             return t
         missing = (rows - t.shape[0]) // plan.batch
-        cond = t[plan.cond_rows]
+        cond = t[plan.cond_rows if cond is None else cond]
         return torch.cat([t] + [cond] * missing)
 
     @staticmethod
@@ -51,14 +52,19 @@ class Adapter:
         return x
 
     @staticmethod
-    def drop_rows(t: torch.Tensor, spans) -> torch.Tensor:
+    def drop_rows(t: torch.Tensor | None, spans) -> torch.Tensor | None:
         """Zero the output of a sublayer for skipped rows (SLG attn / ff)."""
-        if not spans:
+        if not spans or t is None:
             return t
         keep = torch.ones(t.shape[0], dtype=t.dtype, device=t.device)
         for start, end in spans:
             keep[start:end] = 0
         return t * keep.view(-1, *([1] * (t.dim() - 1)))
+
+    @staticmethod
+    def shift_spans(spans, start: int) -> tuple:
+        """Row spans re-based to rows [start, ...) (the positive rows NAG's stream holds)."""
+        return tuple((max(a, start) - start, b - start) for a, b in spans if b > start)
 
     def record(self, position: int, rows: int):
         if self.trace is not None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..attention import mmdit_identity_map, query_variants, variant_attention
+from ..attention import mmdit_identity_map, nag_combine, query_variants, shift_segments, variant_attention
 from ..plan import BLUR
-from .dit import DiTAdapter
+from .dit import DiTAdapter, NagStream
 
 FLUX_PROCESSORS = ("FluxAttnProcessor",)
 
@@ -16,10 +16,14 @@ def flux_grid(img_ids: torch.Tensor) -> tuple[int, int]:
     return int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
 
 
+def _ids(t: torch.Tensor) -> torch.Tensor:
+    return t[0] if t.ndim == 3 else t
+
+
 class FluxAdapter(DiTAdapter):
     family = "flux"
 
-    def forward(self, plan, sample, timestep, base: dict, perms):
+    def forward(self, plan, sample, timestep, base: dict, perms, negative: dict | None = None, nag=None):
         m = self.model
         if (base.get("joint_attention_kwargs") or {}):
             raise NotImplementedError("joint_attention_kwargs (IP-Adapter) are not supported by guidance-rt")
@@ -37,80 +41,115 @@ class FluxAdapter(DiTAdapter):
             temb = m.time_text_embed(t, base["pooled_projections"])
         temb = self.per_row(temb, plan)
         txt = m.context_embedder(base["encoder_hidden_states"])
-        txt_ids, img_ids = base["txt_ids"], base["img_ids"]
-        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
-        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-        rope = m.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        img_ids = _ids(base["img_ids"])
+        rope = m.pos_embed(torch.cat((_ids(base["txt_ids"]), img_ids), dim=0))
         needs_grid = any(s.mode == BLUR for bp in plan.blocks.values() for s in bp.self_attn)
         grid = flux_grid(img_ids) if needs_grid else None
+        ntxt = neg_rope = None
+        if nag is not None:
+            ntxt = m.context_embedder(negative["encoder_hidden_states"])
+            neg_rope = m.pos_embed(torch.cat((_ids(negative["txt_ids"]), img_ids), dim=0))
 
         n_double = len(m.transformer_blocks)
-        img, txt = self.run_blocks(m.transformer_blocks, 0, img, txt, temb, rope, plan, perms, grid)
-        img, txt = self.run_blocks(m.single_transformer_blocks, n_double, img, txt, temb, rope, plan,
-                                   perms, grid)
+        img, txt, ntxt = self.run_blocks(m.transformer_blocks, 0, img, txt, temb, rope, plan, perms, grid,
+                                         ntxt=ntxt, nag=nag, nag_extra=neg_rope)
+        img, _, _ = self.run_blocks(m.single_transformer_blocks, n_double, img, txt, temb, rope, plan,
+                                    perms, grid, ntxt=ntxt, nag=nag, nag_extra=neg_rope)
         return m.proj_out(m.norm_out(img, temb[: img.shape[0]]))
 
     def stock_block(self, block, img, txt, temb, rope):
         return block(hidden_states=img, encoder_hidden_states=txt, temb=temb, image_rotary_emb=rope)
 
-    def own_block(self, block, img, txt, temb, rope, bp, grid):
+    def own_block(self, block, img, txt, temb, rope, bp, grid, nag: NagStream | None):
         if hasattr(block, "norm1_context"):
-            return self._double_block(block, img, txt, temb, rope, bp, grid)
-        return self._single_block(block, img, txt, temb, rope, bp, grid)
+            return self._double_block(block, img, txt, temb, rope, bp, grid, nag)
+        return self._single_block(block, img, txt, temb, rope, bp, grid, nag)
 
-    def _double_block(self, block, img, txt, temb, rope, bp, grid):
+    @staticmethod
+    def _clip(x):
+        return x.clip(-65504, 65504) if x is not None and x.dtype == torch.float16 else x
+
+    def _double_block(self, block, img, txt, temb, rope, bp, grid, nag):
         n_img, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(img, emb=temb)
-        n_txt, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(txt, emb=temb)
-        a_img, a_txt = self._attention(block.attn, n_img, n_txt, rope, bp, grid)
+        n_txt, *mods = block.norm1_context(txt, emb=temb)
+        n_neg, *neg_mods = block.norm1_context(nag.txt, emb=nag.temb) if nag else (None,)
+        a_img, a_txt, a_neg = self._attention(block.attn, n_img, n_txt, n_neg, rope, bp, grid, nag)
         img = img + self.drop_rows(gate_msa.unsqueeze(1) * a_img, bp.skip_attn)
         n = block.norm2(img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         img = img + self.drop_rows(gate_mlp.unsqueeze(1) * block.ff(n), bp.skip_ff)
-        txt = txt + self.drop_rows(c_gate_msa.unsqueeze(1) * a_txt, bp.skip_attn)
-        n = block.norm2_context(txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        txt = txt + self.drop_rows(c_gate_mlp.unsqueeze(1) * block.ff_context(n), bp.skip_ff)
-        if txt.dtype == torch.float16:
-            txt = txt.clip(-65504, 65504)
-        return txt, img
 
-    def _single_block(self, block, img, txt, temb, rope, bp, grid):
+        txt, neg = self.text_streams(block, bp, txt, a_txt, mods, nag, a_neg, neg_mods)
+        txt, neg = self._clip(txt), self._clip(neg)
+        return txt, img, neg
+
+    def _single_block(self, block, img, txt, temb, rope, bp, grid, nag):
         n_txt_tokens = txt.shape[1]
         x = torch.cat([txt, img], dim=1)
         n, gate = block.norm(x, emb=temb)
         mlp = self.drop_rows(block.act_mlp(block.proj_mlp(n)), bp.skip_ff)
-        a = self.drop_rows(self._attention(block.attn, n, None, rope, bp, grid, image_start=n_txt_tokens),
-                           bp.skip_attn)
-        x = x + gate.unsqueeze(1) * block.proj_out(torch.cat([a, mlp], dim=2))
-        if x.dtype == torch.float16:
-            x = x.clip(-65504, 65504)
-        return x[:, :n_txt_tokens], x[:, n_txt_tokens:]
+        n_neg = None
+        if nag:
+            n_neg, _ = block.norm(nag.txt, emb=nag.temb)
+        a, _, a_neg = self._attention(block.attn, n, None, n_neg, rope, bp, grid, nag, image_start=n_txt_tokens)
+        a = self.drop_rows(a, bp.skip_attn)
+        x = self._clip(x + gate.unsqueeze(1) * block.proj_out(torch.cat([a, mlp], dim=2)))
+        neg = None
+        if nag:
+            ps = nag.pos_start
+            neg_mlp = self.drop_rows(block.act_mlp(block.proj_mlp(n_neg)), self.shift_spans(bp.skip_ff, ps))
+            a_neg = self.drop_rows(a_neg, self.shift_spans(bp.skip_attn, ps))
+            neg = self._clip(nag.txt + gate[ps:].unsqueeze(1) * block.proj_out(torch.cat([a_neg, neg_mlp], dim=2)))
+        return x[:, :n_txt_tokens], x[:, n_txt_tokens:], neg
 
-    def _attention(self, attn, x, c, rope, bp, grid, image_start=0):
-        """FluxAttnProcessor with per-row variants; tokens are [text, image]."""
-        if not bp.self_attn:
+    def _attention(self, attn, x, c, cn, rope, bp, grid, nag, image_start=0):
+        """FluxAttnProcessor with per-row variants and NAG; tokens are [text, image].
+        Double blocks: x = image tokens, c = text. Single blocks: x = [text, image], c = None.
+        cn: the negative text (normed), for the positive rows. Returns (image or whole-sequence
+        output, text output, negative text output)."""
+        if not bp.self_attn and nag is None:
             if c is None:
-                return attn(hidden_states=x, image_rotary_emb=rope)
-            return attn(hidden_states=x, encoder_hidden_states=c, image_rotary_emb=rope)
+                return attn(hidden_states=x, image_rotary_emb=rope), None, None
+            a_img, a_txt = attn(hidden_states=x, encoder_hidden_states=c, image_rotary_emb=rope)
+            return a_img, a_txt, None
         self.require_processor(attn, FLUX_PROCESSORS, f"layer {self.layers[bp.position].name}")
         if attn.fused_projections:
             raise NotImplementedError("fused QKV projections are not supported on a perturbed layer")
-        q = query_variants(attn.to_q(x), bp.self_attn, grid, slice(image_start, None))
-        k, v = attn.to_k(x), attn.to_v(x)
         unflat = lambda t: t.unflatten(-1, (-1, attn.head_dim))
-        q, k, v = attn.norm_q(unflat(q)), attn.norm_k(unflat(k)), unflat(v)
-        n_txt = 0
-        if c is not None:
-            n_txt = c.shape[1]
-            cq = attn.norm_added_q(unflat(attn.add_q_proj(c)))
-            ck = attn.norm_added_k(unflat(attn.add_k_proj(c)))
-            cv = unflat(attn.add_v_proj(c))
-            q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
-        q = apply_rotary_emb(q, rope, sequence_dim=1)
-        k = apply_rotary_emb(k, rope, sequence_dim=1)
-        image = slice(n_txt + image_start, None)
-        o = variant_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bp.self_attn,
-                              mmdit_identity_map(image))
-        o = o.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        rotate = lambda t, r: apply_rotary_emb(t, r, sequence_dim=1).transpose(1, 2)   # -> (R, H, N, d)
+        q = attn.norm_q(unflat(query_variants(attn.to_q(x), bp.self_attn, grid, slice(image_start, None))))
+        k, v = attn.norm_k(unflat(attn.to_k(x))), unflat(attn.to_v(x))
+        if c is not None:   # double block: text projections of their own, text first
+            text_q, text_k, text_v = self._text_qkv(attn, c)
+            q, k, v = torch.cat([text_q, q], 1), torch.cat([text_k, k], 1), torch.cat([text_v, v], 1)
+        n_txt = q.shape[1] - (x.shape[1] - image_start)      # text tokens in the sequence
+        image = slice(n_txt, None)
+        pag_map = mmdit_identity_map(image)
+        o = variant_attention(rotate(q, rope), rotate(k, rope), v.transpose(1, 2), bp.self_attn, pag_map)
+        o = o.transpose(1, 2).flatten(2, 3).to(x.dtype)
+        o_neg = None
+        if nag is not None:
+            ps, s = nag.pos_start, nag.step
+            if c is not None:
+                nq, nk, nv = self._text_qkv(attn, cn)
+            else:   # single block: the same projections as the sequence's own tokens
+                nq, nk, nv = attn.norm_q(unflat(attn.to_q(cn))), attn.norm_k(unflat(attn.to_k(cn))), unflat(attn.to_v(cn))
+            nq, nk, nv = (torch.cat([t_neg, t[ps:, image]], 1) for t_neg, t in ((nq, q), (nk, k), (nv, v)))
+            n_neg = nq.shape[1] - (q.shape[1] - n_txt)
+            neg_map = mmdit_identity_map(slice(n_neg, None))
+            on = variant_attention(rotate(nq, nag.extra), rotate(nk, nag.extra), nv.transpose(1, 2),
+                                   shift_segments(bp.self_attn, ps), neg_map)
+            on = on.transpose(1, 2).flatten(2, 3).to(x.dtype)
+            guided = nag_combine(o[ps:, image], on[:, n_neg:], s.phi, s.tau, s.alpha, s.norm)
+            o = torch.cat([o[:ps], torch.cat([o[ps:, :n_txt], guided], 1)])
+            o_neg = on[:, :n_neg]
         if c is None:
-            return o
+            return o, None, o_neg
         o_txt, o_img = o[:, :n_txt], o[:, n_txt:]
-        return attn.to_out[1](attn.to_out[0](o_img.contiguous())), attn.to_add_out(o_txt.contiguous())
+        o_neg = attn.to_add_out(o_neg.contiguous()) if o_neg is not None else None
+        return attn.to_out[1](attn.to_out[0](o_img.contiguous())), attn.to_add_out(o_txt.contiguous()), o_neg
+
+    @staticmethod
+    def _text_qkv(attn, c):
+        unflat = lambda t: t.unflatten(-1, (-1, attn.head_dim))
+        return (attn.norm_added_q(unflat(attn.add_q_proj(c))), attn.norm_added_k(unflat(attn.add_k_proj(c))),
+                unflat(attn.add_v_proj(c)))

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import mmdit_identity_map, query_variants, variant_attention
-from .dit import DiTAdapter
+from ..attention import mmdit_identity_map, nag_combine, query_variants, shift_segments, variant_attention
+from .dit import DiTAdapter, NagStream
 
 SD3_PROCESSORS = ("JointAttnProcessor2_0",)
-SD3_SELF_PROCESSORS = ("AttnProcessor2_0", "JointAttnProcessor2_0")
 
 
 class SD3Adapter(DiTAdapter):
     family = "sd3"
 
-    def forward(self, plan, sample, timestep, base: dict, perms):
+    def forward(self, plan, sample, timestep, base: dict, perms, negative: dict | None = None, nag=None):
         m = self.model
         if (base.get("joint_attention_kwargs") or {}):
             raise NotImplementedError("joint_attention_kwargs (IP-Adapter) are not supported by guidance-rt")
@@ -24,6 +23,7 @@ class SD3Adapter(DiTAdapter):
         img = m.pos_embed(sample).contiguous().repeat(groups, 1, 1)
         temb = self.per_row(m.time_text_embed(timestep, base["pooled_projections"]), plan)
         txt = m.context_embedder(base["encoder_hidden_states"])
+        ntxt = m.context_embedder(negative["encoder_hidden_states"]) if nag is not None else None
 
         controls = base.get("block_controlnet_hidden_states")
         add_control = None
@@ -35,8 +35,8 @@ class SD3Adapter(DiTAdapter):
                     return x
                 return x + self.per_row(controls[int(i / interval)], plan)[: x.shape[0]]
 
-        img, _ = self.run_blocks(m.transformer_blocks, 0, img, txt, temb, None, plan, perms,
-                                 (height // patch, width // patch), add_control)
+        img, _, _ = self.run_blocks(m.transformer_blocks, 0, img, txt, temb, None, plan, perms,
+                                    (height // patch, width // patch), add_control, ntxt, nag)
         img = m.proj_out(m.norm_out(img, temb[: img.shape[0]]))
         h, w = height // patch, width // patch
         img = img.reshape(img.shape[0], h, w, patch, patch, m.out_channels)
@@ -46,58 +46,76 @@ class SD3Adapter(DiTAdapter):
     def stock_block(self, block, img, txt, temb, extra):
         return block(hidden_states=img, encoder_hidden_states=txt, temb=temb)
 
-    def own_block(self, block, img, txt, temb, extra, bp, grid):
-        """JointTransformerBlock with per-row variants (mirrors diffusers' block)."""
+    def own_block(self, block, img, txt, temb, extra, bp, grid, nag: NagStream | None):
+        """JointTransformerBlock with per-row variants and NAG (mirrors diffusers' block)."""
         if getattr(block, "_chunk_size", None) is not None:
             raise NotImplementedError("chunked feed-forward is not supported on a perturbed layer")
         if block.use_dual_attention:
             n_img, gate_msa, shift_mlp, scale_mlp, gate_mlp, n_img2, gate_msa2 = block.norm1(img, emb=temb)
         else:
             n_img, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(img, emb=temb)
-        if block.context_pre_only:
-            n_txt = block.norm1_context(txt, temb)
-        else:
-            n_txt, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(txt, emb=temb)
 
-        a_img, a_txt = self._joint_attention(block.attn, n_img, n_txt, bp, grid)
+        def text_norm(t, emb):
+            if block.context_pre_only:
+                return block.norm1_context(t, emb), None
+            n, *mods = block.norm1_context(t, emb=emb)
+            return n, mods
+
+        n_txt, mods = text_norm(txt, temb)
+        n_neg, neg_mods = text_norm(nag.txt, nag.temb) if nag else (None, None)
+        a_img, a_txt, a_neg = self._joint_attention(block.attn, n_img, n_txt, n_neg, bp, grid, nag)
         img = img + self.drop_rows(gate_msa.unsqueeze(1) * a_img, bp.skip_attn)
         if block.use_dual_attention:
             a2 = block.attn2(hidden_states=n_img2)
             img = img + self.drop_rows(gate_msa2.unsqueeze(1) * a2, bp.skip_attn)
         n = block.norm2(img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         img = img + self.drop_rows(gate_mlp.unsqueeze(1) * block.ff(n), bp.skip_ff)
-
         if block.context_pre_only:
-            return None, img
-        txt = txt + self.drop_rows(c_gate_msa.unsqueeze(1) * a_txt, bp.skip_attn)
-        n = block.norm2_context(txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        txt = txt + self.drop_rows(c_gate_mlp.unsqueeze(1) * block.ff_context(n), bp.skip_ff)
-        return txt, img
+            return None, img, None
 
-    def _joint_attention(self, attn, x, c, bp, grid):
-        """JointAttnProcessor2_0 with per-row variants; tokens are [image, text]."""
-        if not bp.self_attn:
-            return attn(hidden_states=x, encoder_hidden_states=c)
+        txt, neg = self.text_streams(block, bp, txt, a_txt, mods, nag, a_neg, neg_mods)
+        return txt, img, neg
+
+    def _joint_attention(self, attn, x, c, cn, bp, grid, nag: NagStream | None):
+        """JointAttnProcessor2_0 with per-row variants and NAG; tokens are [image, text]."""
+        if not bp.self_attn and nag is None:
+            a_img, a_txt = attn(hidden_states=x, encoder_hidden_states=c)
+            return a_img, a_txt, None
         self.require_processor(attn, SD3_PROCESSORS, f"layer {self.layers[bp.position].name}")
         rows, n_img, heads = x.shape[0], x.shape[1], attn.heads
         q = query_variants(attn.to_q(x), bp.self_attn, grid, slice(None))
         k, v = attn.to_k(x), attn.to_v(x)
         head_dim = k.shape[-1] // heads
-        split = lambda t: t.view(rows, -1, heads, head_dim).transpose(1, 2)
+        split = lambda t: t.view(t.shape[0], -1, heads, head_dim).transpose(1, 2)
+        merge = lambda t: t.transpose(1, 2).reshape(t.shape[0], -1, heads * head_dim).to(q.dtype)
         q, k, v = split(q), split(k), split(v)
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        cq, ck, cv = split(attn.add_q_proj(c)), split(attn.add_k_proj(c)), split(attn.add_v_proj(c))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        o = variant_attention(q, k, v, bp.self_attn, mmdit_identity_map(slice(0, n_img)))
-        o = o.transpose(1, 2).reshape(rows, -1, heads * head_dim).to(q.dtype)
-        o_img, o_txt = o[:, :n_img], o[:, n_img:]
+
+        def text_qkv(t):
+            tq, tk, tv = split(attn.add_q_proj(t)), split(attn.add_k_proj(t)), split(attn.add_v_proj(t))
+            if attn.norm_added_q is not None:
+                tq = attn.norm_added_q(tq)
+            if attn.norm_added_k is not None:
+                tk = attn.norm_added_k(tk)
+            return tq, tk, tv
+
+        pag_map = mmdit_identity_map(slice(0, n_img))
+        cq, ck, cv = text_qkv(c)
+        o = merge(variant_attention(torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2),
+                                    bp.self_attn, pag_map))
+        o_img, o_txt, o_neg = o[:, :n_img], o[:, n_img:], None
+        if nag is not None:
+            ps, s = nag.pos_start, nag.step
+            nq, nk, nv = text_qkv(cn)
+            on = merge(variant_attention(torch.cat([q[ps:], nq], 2), torch.cat([k[ps:], nk], 2),
+                                         torch.cat([v[ps:], nv], 2), shift_segments(bp.self_attn, ps), pag_map))
+            guided = nag_combine(o_img[ps:], on[:, :n_img], s.phi, s.tau, s.alpha, s.norm)
+            o_img = torch.cat([o_img[:ps], guided])
+            o_neg = on[:, n_img:]
         if not attn.context_pre_only:
             o_txt = attn.to_add_out(o_txt)
-        return attn.to_out[1](attn.to_out[0](o_img)), o_txt
+            o_neg = attn.to_add_out(o_neg) if o_neg is not None else None
+        return attn.to_out[1](attn.to_out[0](o_img)), o_txt, o_neg

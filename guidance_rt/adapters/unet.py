@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..attention import identity_map, qk_segments, query_variants, variant_attention
-from ..plan import IDENTITY, StepPlan
+from ..attention import identity_map, nag_combine, qk_segments, query_variants, sdpa, variant_attention
+from ..plan import IDENTITY, BlockPlan, Segment, StepPlan
 from .base import Adapter
 
 UNET_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
@@ -42,7 +42,9 @@ class UNetAdapter(Adapter):
 
     # ---------------------------------------------------------------- forward
 
-    def forward(self, plan: StepPlan, sample: torch.Tensor, timestep: torch.Tensor, base: dict, perms):
+    def forward(self, plan: StepPlan, sample: torch.Tensor, timestep: torch.Tensor, base: dict, perms,
+                negative: dict | None = None, nag=None, maps=None):
+        """`maps`: an scfg.SemanticMaps that the blocks on S-CFG's grids feed (uncond + cond rows)."""
         m = self.model
         for key in UNSUPPORTED_KWARGS:
             if base.get(key) is not None:
@@ -70,13 +72,18 @@ class UNetAdapter(Adapter):
         ehs = m.process_encoder_hidden_states(encoder_hidden_states=ehs,
                                               added_cond_kwargs=base.get("added_cond_kwargs") or {})
         emb, ehs = self.per_row(emb, plan), self.per_row(ehs, plan)
+        neg = None
+        if nag is not None:   # NAG's negative text for every row (read only on positive rows)
+            neg = m.process_encoder_hidden_states(encoder_hidden_states=negative["encoder_hidden_states"],
+                                                  added_cond_kwargs=negative.get("added_cond_kwargs") or {})
+            neg = neg.index_select(0, plan.sample_index(neg.device))
 
         # 2. conv_in is the same for uncond and cond: compute it once per user sample
         h = m.conv_in(sample).repeat(groups, 1, 1, 1)
         res: list[torch.Tensor] = [h]
 
         def transformer(t2d, h):
-            return self._transformer2d(t2d, h, ehs, plan, perms)
+            return self._transformer2d(t2d, h, ehs, plan, perms, neg, nag, maps)
 
         # 3. down
         for block in m.down_blocks:
@@ -128,11 +135,13 @@ class UNetAdapter(Adapter):
 
     # ---------------------------------------------------------------- Transformer2DModel
 
-    def _transformer2d(self, t2d, h, ehs, plan: StepPlan, perms):
+    def _transformer2d(self, t2d, h, ehs, plan: StepPlan, perms, neg=None, nag=None, maps=None):
         first = self.first_position[id(t2d)]
         positions = range(first, first + len(t2d.transformer_blocks))
         touched = [p for p in positions if p in plan.blocks]
-        if not touched:
+        if maps is not None and maps.level(tuple(h.shape[-2:])) is None:
+            maps = None
+        if not touched and nag is None and maps is None:
             for p in positions:
                 self.record(p, h.shape[0])
             return t2d(h, encoder_hidden_states=ehs[: h.shape[0]], return_dict=False)[0]
@@ -142,45 +151,81 @@ class UNetAdapter(Adapter):
         residual = h
         x, inner_dim = t2d._operate_on_continuous_inputs(h)
         for p, block in zip(positions, t2d.transformer_blocks):
-            bp = plan.blocks.get(p)
-            if bp is None:
-                self.record(p, x.shape[0])
-                x = block(x, encoder_hidden_states=ehs[: x.shape[0]])
-                continue
+            bp = plan.blocks.get(p) or BlockPlan(p, x.shape[0])
             if bp.forks:
                 x, residual = self.grow(x, bp.rows, plan), self.grow(residual, bp.rows, plan)
             run = bp.run
             xr = run.take(x) if run else x
             er = run.take(ehs[: bp.rows]) if run else ehs[: bp.rows]
+            nr = (run.take(neg[: bp.rows]) if run else neg[: bp.rows]) if neg is not None else None
             self.record(p, xr.shape[0])
             xr = self.shuffle(xr, bp, perms)
-            if bp.self_attn or bp.skip_attn or bp.skip_ff:
-                xr = self._basic_block(block, xr, er, bp, (height, width))
+            if bp.self_attn or bp.skip_attn or bp.skip_ff or nag is not None or maps is not None:
+                xr = self._basic_block(block, xr, er, bp, (height, width), nr, nag, plan.pos_start, maps)
             else:
                 xr = block(xr, encoder_hidden_states=er)
             x = run.put(x, xr) if run else xr
         return t2d._get_output_for_continuous_inputs(x, residual, x.shape[0], height, width, inner_dim)
 
-    def _basic_block(self, block, x, ehs, bp, grid):
+    def _basic_block(self, block, x, ehs, bp, grid, neg=None, nag=None, pos_start=0, maps=None):
         """BasicTransformerBlock (layer_norm type, as in SD1.5 / SDXL) with per-row variants."""
         if block.norm_type != "layer_norm" or block.pos_embed is not None or block.only_cross_attention \
                 or getattr(block, "_chunk_size", None) is not None:
             raise NotImplementedError(
                 f"BasicTransformerBlock with norm_type={block.norm_type!r}, positional embedding, "
                 "cross-attention only or chunked feed-forward is not supported on a perturbed layer")
-        a = self._self_attention(block.attn1, block.norm1(x), bp, grid)
+        stat_rows = 2 * maps.batch if maps is not None else 0   # S-CFG reads the uncond + cond rows
+        a, qk = self._self_attention(block.attn1, block.norm1(x), bp, grid, stat_rows)
         x = self.drop_rows(a, bp.skip_attn) + x
         if block.attn2 is not None:
-            a = block.attn2(block.norm2(x), encoder_hidden_states=ehs)
+            n = block.norm2(x)
+            if nag is None and maps is None:
+                a = block.attn2(n, encoder_hidden_states=ehs)
+            else:
+                a, cross = self._cross_attention(block.attn2, n, ehs, neg, nag, pos_start, bp, stat_rows)
+                if maps is not None:
+                    maps.add(*qk, cross, grid)
             x = self.drop_rows(a, bp.skip_attn) + x
         f = block.ff(block.norm3(x))
         return self.drop_rows(f, bp.skip_ff) + x
 
-    def _self_attention(self, attn, x, bp, grid):
-        """attn1 with the plan's row variants; PAG rows compute only V (and to_out)."""
+    def _cross_attention(self, attn, x, ehs, neg, nag, pos_start, bp, stat_rows=0):
+        """attn2 computed here: with NAG on the positive rows (the same queries against the
+        positive and the negative text, combined per token before to_out, methods.md section 5),
+        and/or returning the head-mean probabilities of the first `stat_rows` rows (S-CFG)."""
+        self.require_processor(attn, UNET_PROCESSORS, f"layer {self.layers[bp.position].name}")
+        if attn.norm_cross is not None or attn.group_norm is not None or attn.residual_connection:
+            raise NotImplementedError("cross-attention with norm_cross, group norm or a residual "
+                                      "connection is not supported by NAG / S-CFG")
+        heads = attn.heads
+        q = attn.to_q(x)
+
+        def split(t):
+            return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        def attend(q, text):
+            k, v = split(attn.to_k(text)), split(attn.to_v(text))
+            o = sdpa(split(q), k, v)
+            return o.transpose(1, 2).reshape(o.shape[0], -1, o.shape[1] * o.shape[-1]).to(q.dtype), k
+
+        z, k = attend(q, ehs)
+        cross = None
+        if stat_rows:
+            qs = split(q[:stat_rows])
+            logits = qs.float() @ k[:stat_rows].float().transpose(-1, -2) * attn.scale
+            cross = logits.softmax(-1).mean(1)
+        if nag is not None:
+            zn, _ = attend(q[pos_start:], neg[pos_start:])
+            z = torch.cat([z[:pos_start], nag_combine(z[pos_start:], zn, nag.phi, nag.tau, nag.alpha, nag.norm)])
+        return attn.to_out[1](attn.to_out[0](z)), cross
+
+    def _self_attention(self, attn, x, bp, grid, stat_rows=0):
+        """attn1 with the plan's row variants; PAG rows compute only V (and to_out). With
+        `stat_rows`, also returns the head-split (q, k) of those first rows (S-CFG)."""
         segments = bp.self_attn
-        if not segments:
-            return attn(x)
+        if not segments and not stat_rows:
+            return attn(x), None
+        segments = segments or (Segment(0, x.shape[0]),)
         self.require_processor(attn, UNET_PROCESSORS, f"layer {self.layers[bp.position].name}")
         if attn.spatial_norm is not None or attn.group_norm is not None or attn.residual_connection \
                 or attn.rescale_output_factor != 1.0:
@@ -188,7 +233,7 @@ class UNetAdapter(Adapter):
                                       "is not supported on a perturbed layer")
         v = attn.to_v(x)
         qsegs, rows = qk_segments(segments)
-        pieces = {}
+        pieces, qk = {}, None
         if qsegs:
             xq = torch.cat([x[r] for r in rows]) if len(rows) > 1 else x[rows[0]]
             vq = torch.cat([v[r] for r in rows]) if len(rows) > 1 else v[rows[0]]
@@ -199,10 +244,11 @@ class UNetAdapter(Adapter):
             q, k, vh = split(q), split(k), split(vq)
             if attn.norm_q is not None:
                 q, k = attn.norm_q(q), attn.norm_k(k)
+            qk = (q[:stat_rows], k[:stat_rows])   # the base rows come first and are never PAG rows
             o = variant_attention(q, k, vh, qsegs, identity_map, mean_rows_identical=True)
             o = o.transpose(1, 2).reshape(n, -1, heads * vh.shape[-1]).to(q.dtype)
             for s, r in zip(qsegs, rows):
                 pieces[r.start] = o[s.rows]
         out = [v[s.rows] if s.mode == IDENTITY else pieces[s.start] for s in segments]
         out = torch.cat(out) if len(out) > 1 else out[0]
-        return attn.to_out[1](attn.to_out[0](out))
+        return attn.to_out[1](attn.to_out[0](out)), qk

@@ -1,17 +1,21 @@
 """The sequential reference: one plain forward of the stock model per branch, then the combiner of
-shared/methods.md section 1 in float64."""
+shared/methods.md section 1 in float64. NAG (section 5) adds no branch: it changes the attention
+of every positive forward (cond and the perturbed branches), see nag.py."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ..layers import model_family
-from ..terms import CFG, PAG, SEG, SLG, TPG, Guidance, Term
+from ..layers import model_family, resolve_layers
+from ..terms import CFG, NAG, PAG, SCFG, SEG, SLG, TPG, Guidance, Term
+from .nag import nag_forward, nag_setting
 from .perturb import perturbed
+from .scfg import scfg_recorded, scfg_step_rate, scfg_term   # S-CFG (methods.md 7)
 
-KNOWN_TERMS = (CFG, PAG, SEG, TPG, SLG)
+KNOWN_TERMS = (CFG, SCFG, PAG, SEG, TPG, SLG, NAG)
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Branch:
     term: Term | None
     scale: float
     prediction: torch.Tensor | None = None
+    maps: object = None      # S-CFG: the SCFGRecording of an uncond / cond forward
 
 
 def _timestep_value(timestep) -> float:
@@ -35,7 +40,7 @@ def _timestep_value(timestep) -> float:
 
 def plan_branches(guidance: Guidance, timestep, step: int, num_steps: int) -> list[Branch]:
     """The branches of this step, in run order: uncond (iff CFG is active), cond, then one per
-    perturbation term with a non-zero scale, in Guidance order."""
+    perturbation term with a non-zero scale, in Guidance order. NAG adds no branch."""
     if not isinstance(guidance, Guidance):
         raise TypeError(f"guidance must be a guidance_rt.Guidance, got {type(guidance).__name__}")
     for term in guidance.terms:
@@ -56,7 +61,7 @@ def plan_branches(guidance: Guidance, timestep, step: int, num_steps: int) -> li
     branches.append(Branch("cond", None, None, 1.0))
     t = _timestep_value(timestep)
     for index, term in enumerate(guidance.terms):
-        if type(term) is CFG:
+        if isinstance(term, (CFG, NAG)):   # SCFG is a CFG
             continue
         s = term.step_scale(step, num_steps, t)
         if s != 0.0:
@@ -83,42 +88,84 @@ def branch_predictions(model: nn.Module, guidance: Guidance, sample: torch.Tenso
                        cond: dict, uncond: dict | None = None, negative: dict | None = None,
                        step: int, num_steps: int,
                        generator: torch.Generator | None = None) -> list[Branch]:
-    """Run every branch of the step (one plain forward each); returns them with predictions."""
-    model_family(model)  # clear error for unsupported models
+    """Run every branch of the step (one plain forward each); returns them with predictions.
+    With NAG active, every positive forward (cond, perturbed) runs with NAG in its attention;
+    the uncond forward stays plain."""
+    family = model_family(model)  # clear error for unsupported models
     branches = plan_branches(guidance, timestep, step, num_steps)
     if branches[0].kind == "uncond" and uncond is None:
         raise ValueError("CFG is active in this step: the uncond kwargs are required")
     if cond is None:
         raise ValueError("cond kwargs are required")
+    nag = nag_setting(guidance, family, step, num_steps)
+    if nag is not None and negative is None:
+        raise ValueError("NAG is active in this step: the negative prompt's kwargs are required "
+                         "(negative=...)")
+
+    def positive():
+        if nag is None:
+            return _forward(model, sample, timestep, cond)
+        return nag_forward(model, nag, negative, sample, timestep, cond)
+
     seeds = draw_tpg_seeds(branches, generator)
+    # S-CFG (UNet-only): record the uncond / cond forwards' attention maps when its uncond row exists
+    scfg = scfg_term(guidance, model)
+    scfg = scfg if branches[0].kind == "uncond" else None
     with torch.no_grad():
         for branch in branches:
             if branch.kind == "uncond":
-                branch.prediction = _forward(model, sample, timestep, uncond)
+                with scfg_recorded(model, scfg, sample) as branch.maps:
+                    branch.prediction = _forward(model, sample, timestep, uncond)
             elif branch.kind == "cond":
-                branch.prediction = _forward(model, sample, timestep, cond)
+                with scfg_recorded(model, scfg, sample) as branch.maps:
+                    branch.prediction = positive()
+            elif isinstance(branch.term, SLG) and branch.term.weights is not None:
+                branch.prediction = _multi_skip(model, branch.term, sample, cond, positive)
             else:
                 with perturbed(model, branch.term, sample=sample, kwargs=cond,
                                tpg_seed=seeds.get(branch.index)):
-                    branch.prediction = _forward(model, sample, timestep, cond)
+                    branch.prediction = positive()
     return branches
 
 
-def combine(branches: list[Branch], rescale: float = 0.0, dtype: torch.dtype | None = None):
+def _multi_skip(model, term: SLG, sample, cond, positive) -> torch.Tensor:
+    """CSLG's weighted multi-skip: p = sum_l a_l p_l / sum_l a_l, p_l with only layer l skipped."""
+    layers = resolve_layers(model, term.layers, "SLG", keep_order=True)   # weights follow the user's order
+    if len(term.weights) != len(layers):
+        raise ValueError(f"SLG.weights has {len(term.weights)} entries for {len(layers)} layers")
+    total, p = sum(term.weights), 0.0
+    for layer, a in zip(layers, term.weights):
+        single = dataclasses.replace(term, layers=layer.path, weights=None)
+        with perturbed(model, single, sample=sample, kwargs=cond):
+            p = p + (a / total) * positive().double()
+    return p
+
+
+def combine(branches: list[Branch], rescale: float = 0.0, dtype: torch.dtype | None = None,
+            rate: torch.Tensor | None = None):
     """eps = u + w (c - u) + sum_k s_k (c - p_k)  (CFG on)  or  c + sum_k s_k (c - p_k), in
     float64; then guidance_rescale r (only with CFG): r * eps * std(c) / std(eps) + (1 - r) eps,
-    std unbiased over every non-batch dim per sample."""
+    std unbiased over every non-batch dim per sample. ``rate`` (S-CFG, (B, 1, H, W)): the CFG
+    part becomes u + w rate (c - u)."""
     by_kind = {b.kind: b for b in branches if b.kind in ("uncond", "cond")}
     c = by_kind["cond"].prediction.double()
     dtype = dtype or by_kind["cond"].prediction.dtype
     if "uncond" in by_kind:
         u = by_kind["uncond"].prediction.double()
-        eps = u + by_kind["uncond"].scale * (c - u)
+        w = by_kind["uncond"].scale
+        eps = u + (w * (c - u) if rate is None else w * rate.double() * (c - u))
     else:
         eps = c.clone()
     for b in branches:
-        if b.kind not in ("uncond", "cond"):
-            eps = eps + b.scale * (c - b.prediction.double())
+        if b.kind in ("uncond", "cond"):
+            continue
+        p = b.prediction.double()
+        if isinstance(b.term, SLG) and b.term.form == "cslg":
+            # CSLG: without CFG eps = p + s (c - p) (FLUX form); with CFG the SD3 form
+            # u + w (c - u) + (s - 1)(c - p). Both add (s - 1)(c - p) to what came before.
+            eps = eps + (b.scale - 1.0) * (c - p)
+        else:
+            eps = eps + b.scale * (c - p)
     if "uncond" in by_kind and rescale > 0:
         dims = list(range(1, c.ndim))
         std_c = c.std(dim=dims, keepdim=True)
@@ -131,10 +178,11 @@ def step(model: nn.Module, guidance: Guidance, sample: torch.Tensor, timestep, *
          uncond: dict | None = None, negative: dict | None = None, step: int, num_steps: int,
          generator: torch.Generator | None = None) -> torch.Tensor:
     """The guided prediction of one sampling step, by one plain forward of the stock model per
-    branch (uncond, cond, one per active perturbation term). The model is left exactly as it
-    was, also when a forward raises."""
+    branch (uncond, cond, one per active perturbation term; NAG inside the positive ones, which
+    needs ``negative``). The model is left exactly as it was, also when a forward raises."""
     branches = branch_predictions(model, guidance, sample, timestep, cond=cond, uncond=uncond,
                                   negative=negative, step=step, num_steps=num_steps,
                                   generator=generator)
     rescale = guidance.cfg.rescale if guidance.cfg is not None else 0.0
-    return combine(branches, rescale, dtype=sample.dtype)
+    rate = scfg_step_rate(guidance, branches)     # S-CFG's rate map, None without it
+    return combine(branches, rescale, dtype=sample.dtype, rate=rate)
