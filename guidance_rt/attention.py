@@ -22,6 +22,21 @@ import torch.nn.functional as F
 
 from .plan import BLUR, IDENTITY, MEAN, NORMAL, SOFT, Segment
 
+_KERNELS: list = []
+
+
+def kernels_for(t: torch.Tensor):
+    """guidance_rt.kernels when its Triton kernels serve this tensor (CUDA, or CPU inside
+    `kernels.triton_on_cpu()`), else None: the plain PyTorch path below."""
+    if not _KERNELS:
+        try:
+            from . import kernels
+        except ImportError:   # the package works without the kernels (no Triton)
+            kernels = None
+        _KERNELS.append(kernels)
+    k = _KERNELS[0]
+    return k if k is not None and k.HAS_TRITON and k._common.use_triton(t) else None
+
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
@@ -46,6 +61,9 @@ def gaussian_taps(sigma: float, extent: int, device, dtype) -> torch.Tensor:
 def blur_tokens(x: torch.Tensor, grid: tuple[int, int], sigma: float) -> torch.Tensor:
     """x: (R, h*w, C) tokens in row-major grid order; every channel blurred separably."""
     h, w = grid
+    k = kernels_for(x)
+    if k is not None:
+        return k.query_blur(x, h, w, sigma)
     rows, n, c = x.shape
     img = x.transpose(1, 2).reshape(rows * c, 1, h, w)
     for axis, extent in ((3, w), (2, h)):
@@ -136,19 +154,26 @@ def shift_segments(segments: tuple[Segment, ...], start: int) -> tuple[Segment, 
 # ---------------------------------------------------------------- dispatch
 
 
-def variant_attention(q, k, v, segments: tuple[Segment, ...], pag_map: Callable = identity_map,
-                      mean_rows_identical: bool = False) -> torch.Tensor:
+def variant_attention(q, k, v, segments: tuple[Segment, ...], image: slice | None = None,
+                      mean_identical: bool = False) -> torch.Tensor:
     """Attention with per-row-segment variants. q, k, v: (R, H, N, d) after the query variants
-    were applied. `mean_rows_identical`: MEAN rows' queries are all equal (pure self-attention),
-    so one query row per (row, head) gives the exact result."""
+    were applied. `image`: the image tokens of a joint (MM-DiT) sequence, None for self-attention
+    (PAG's map is then the identity). `mean_identical`: the image queries of MEAN rows are all
+    equal (no rotary embedding after the mean), so one query row per (row, head) is exact."""
     if not segments:
         return sdpa(q, k, v)
+    kern = kernels_for(q)
+    if kern is not None:
+        mode, beta, heads = _row_tables(kern, segments, q.shape[0], q.shape[1], q.device, mean_identical)
+        span = None if image is None else (image.start or 0, q.shape[2] if image.stop is None else image.stop)
+        return kern.variant_attention(q, k, v, mode, beta, heads, span)
+    pag_map = identity_map if image is None else mmdit_identity_map(image)
     outs = []
     for s in segments:
         qs, ks, vs = q[s.rows], k[s.rows], v[s.rows]
         if s.mode == IDENTITY:
             outs.append(pag_map(qs, ks, vs))
-        elif s.mode == MEAN and mean_rows_identical:
+        elif s.mode == MEAN and mean_identical and image is None:
             outs.append(sdpa(qs[:, :, :1], ks, vs).expand_as(vs))
         elif s.mode == SOFT:
             o = sdpa(qs, ks, vs)
@@ -162,6 +187,29 @@ def variant_attention(q, k, v, segments: tuple[Segment, ...], pag_map: Callable 
         else:  # NORMAL, BLUR, MEAN
             outs.append(sdpa(qs, ks, vs))
     return _join(outs, segments)
+
+
+_TABLES: dict = {}
+
+
+def _row_tables(kern, segments, rows: int, heads: int, device, mean_identical: bool):
+    """The kernel's per-row mode, beta and head mask for these segments (cached: the plan's
+    segments are fixed per step configuration)."""
+    key = (segments, rows, heads, str(device), mean_identical)
+    if key not in _TABLES:
+        codes = {NORMAL: kern.NORMAL, BLUR: kern.NORMAL, IDENTITY: kern.IDENTITY, SOFT: kern.SOFT,
+                 MEAN: kern.MEAN if mean_identical else kern.NORMAL}
+        mode = torch.zeros(rows, dtype=torch.int32)
+        beta = torch.ones(rows, dtype=torch.float32)
+        mask = torch.ones(rows, heads, dtype=torch.bool)
+        for s in segments:
+            mode[s.rows] = codes[s.mode]
+            beta[s.rows] = s.beta
+            if s.heads is not None:
+                mask[s.rows] = False
+                mask[s.rows, [h for h in s.heads if h < heads]] = True
+        _TABLES[key] = (mode.to(device), beta.to(device), mask.to(device))
+    return _TABLES[key]
 
 
 def _join(outs, segments):

@@ -1,32 +1,244 @@
-"""Command line: `guidance-rt bench` (the main job)."""
+"""Command line: `guidance-rt bench` (the main job), `guidance-rt generate`, `guidance-rt spec`.
+
+Each subcommand is a pair of functions: ``add_<name>(subparsers)`` declares it and sets
+``run=<function>``; ``SUBCOMMANDS`` lists the ``add_`` functions. A new subcommand is one more
+pair and one more entry.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-import torch
+GUIDANCE_HELP = ("guidance: a spec such as 'cfg=5 pag=3@mid seg=3@mid:sigma=inf "
+                 "slg=2.8@7,8,9:0.01-0.2', JSON, or a file holding either (grammar: README)")
+
+
+def _dtype(name: str):
+    import torch
+
+    choices = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+               "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in choices:
+        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; valid: float32, float16, bfloat16")
+    return choices[name]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,4,8, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 1,4,8, got {text!r}")
+    return values
+
+
+def _fail(command: str, err: BaseException) -> int:
+    print(f"guidance-rt {command}: {err}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------- bench
+
+def add_bench(sub) -> None:
+    from .bench import IMPLEMENTATIONS, standard_names
+    from .presets import PRESETS
+
+    names = "; ".join(f"{fam}: {', '.join(n)}" for fam, n in standard_names().items())
+    p = sub.add_parser(
+        "bench", help="time guided steps: guidance-rt packed vs the sequential reference and peers",
+        description="Per-step latency of guided denoiser calls for guidance-rt (packed), the "
+                    "sequential reference and every installed peer that does the same job, in one "
+                    "process on the same inputs; ratio to a CFG-only step, its FLOP floor, "
+                    "efficiency, peak memory and throughput.")
+    p.add_argument("--preset", default="tiny",
+                   help="comma-separated presets or local model folders (default 'tiny': tiny-sdxl "
+                        f"and tiny-sd3, plus tiny-flux when NAG exists); presets: {', '.join(PRESETS)}")
+    p.add_argument("--guidance", action="append", metavar="SPEC",
+                   help=f"configuration (repeatable): a standard name ({names}) or a {GUIDANCE_HELP}; "
+                        "default: the standard set of the preset's family")
+    p.add_argument("--batch", type=_int_list, default=(1,), metavar="B[,B...]",
+                   help="batch sizes, e.g. 1,4,8 (throughput in images/s per size)")
+    p.add_argument("--steps", type=int, default=30,
+                   help="sampling steps of the run a step belongs to: terms' windows and img/s")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls (default 10 CPU, 50 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 2 CPU, 10 CUDA)")
+    p.add_argument("--dtype", type=_dtype, default="float32", help="float32, float16 or bfloat16")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile each implementation's step")
+    p.add_argument("--impl", action="append", choices=IMPLEMENTATIONS,
+                   help="implementations to run (repeatable; default all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: 1 for tiny presets, else torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="FILE", help="write every row and the environment as JSON")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from . import bench
+
+    opts = bench.Options(presets=[s.strip() for s in args.preset.split(",") if s.strip()],
+                         guidance=args.guidance, batches=args.batch, steps=args.steps,
+                         repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
+                         device=args.device, compile=args.compile, seed=args.seed,
+                         implementations=tuple(args.impl or bench.IMPLEMENTATIONS),
+                         progress=args.progress, threads=args.threads)
+    if opts.steps < 1 or (opts.repeats is not None and opts.repeats < 1):
+        return _fail("bench", ValueError("--steps and --repeats must be >= 1"))
+    env = bench.environment(opts.device)
+    dev = env["device"]
+    where = (f"{bench.cpu_threads(opts)} of {dev.get('cores')} threads" if env["device_type"] == "cpu"
+             else f"CUDA {dev.get('cuda')}")
+    print(f"guidance-rt bench on {env['device_type']} ({dev.get('name')}, {where}), "
+          f"torch {env['torch']}, diffusers {env['diffusers']}, {str(opts.dtype).replace('torch.', '')}"
+          f"{', compiled' if opts.compile else ''}")
+    try:
+        rows = bench.run(opts, log=lambda s: print(s, flush=True))
+    except (KeyError, ValueError, OSError) as e:
+        return _fail("bench", e.args[0] if isinstance(e, KeyError) and e.args else e)
+    print()
+    print(bench.format_table(rows), end="")
+    print("ms/step: median of timed calls of one guided step; IQR: interquartile range; ratio: to "
+          "the CFG-only step of the same implementation; floor: that ratio in FLOPs of the rows "
+          "guidance-rt runs; eff = floor / ratio; peak MiB: " +
+          ("max_memory_allocated during a step" if torch.device(env["device_type"]).type == "cuda"
+           else "live tensor storage created by a step's ATen ops") +
+          "; img/s: batch / (steps x ms/step); vs ref: relative difference to the reference.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(bench.report(rows, opts), f, indent=1, allow_nan=False)
+        print(f"wrote {args.json}")
+    return 1 if any(r["status"] == "error" for r in rows) else 0
+
+
+# ------------------------------------------------------------------------------------- generate
+
+def add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate images with a stock diffusers pipeline under guided()",
+        description="Generate with guidance-rt around the model's stock diffusers pipeline; the "
+                    "settings go into each PNG so that --from-image reproduces it.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="local pipeline folder (save_pretrained) or Hugging Face hub id")
+    src.add_argument("--preset", help="a tiny preset pipeline with random weights (tiny-sd15, tiny-sdxl, "
+                                      "tiny-sd3, tiny-sd35, tiny-flux): smoke tests")
+    src.add_argument("--from-image", metavar="PNG", help="reproduce an image from its own settings "
+                     "(options given here override them)")
+    p.add_argument("--prompt")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--nag-negative-prompt", help="the prompt NAG guides away from (default: the "
+                                                 "negative prompt, else empty)")
+    p.add_argument("--guidance", metavar="SPEC", help=GUIDANCE_HELP + " (default: CFG for the family)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--size", metavar="WxH", help="image size in pixels (default: the model's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch", type=int, help="images per prompt")
+    p.add_argument("--grid", nargs="+", metavar="PARAM=v1,v2",
+                   help="comparison grid over guidance parameters, e.g. pag.scale=0,1.5,3 "
+                        "seg.sigma=1,inf (term.field; a term alone means its scale; list values in "
+                        "brackets: slg.layers=[7,8,9],[8])")
+    p.add_argument("--out", help="output PNG (default guidance-rt.png; with several images "
+                                 "-<index> is added before .png)")
+    p.add_argument("--dtype", type=_dtype, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None)
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args) -> int:
+    from . import generate
+
+    try:
+        paths = generate.main(args, log=print)
+    except generate.ModelMissing as e:
+        return _fail("generate", e)
+    except (ValueError, KeyError, OSError) as e:
+        return _fail("generate", e.args[0] if isinstance(e, KeyError) and e.args else e)
+    return 0 if paths else 1
+
+
+# ----------------------------------------------------------------------------------------- spec
+
+def add_spec(sub) -> None:
+    p = sub.add_parser("spec", help="check a guidance spec; print its canonical form and JSON")
+    p.add_argument("guidance", nargs="+", help=GUIDANCE_HELP + " (several arguments are joined)")
+    p.set_defaults(run=run_spec)
+
+
+def run_spec(args) -> int:
+    from . import spec
+
+    try:
+        g = spec.load_guidance(" ".join(args.guidance))
+    except spec.SpecError as e:
+        return _fail("spec", e)
+    print(spec.format_spec(g))
+    print(spec.to_json(g, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- layers
+
+def add_layers(sub) -> None:
+    p = sub.add_parser(
+        "layers", help="CSLG layer finding: rank blocks by how they separate contrastive prompt pairs",
+        description="Runs each prompt pair (same seed, same latent) as rows of packed forwards, "
+                    "captures every block's attention output and ranks the blocks by the drop in "
+                    "cosine similarity between the pair (first difference, relative change), and by "
+                    "how much skipping each block alone changes the prediction. Writes "
+                    "captures.safetensors, ranking.json and layers.png (guidance_rt.analysis).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a preset with random weights (e.g. tiny-flux, tiny-sd3); prompts "
+                                      "become deterministic pseudo-embeddings")
+    src.add_argument("--model", help="local diffusers pipeline folder (from_pretrained, offline)")
+    p.add_argument("--pairs", default=None, help="JSON prompt pairs (default: the shipped visible-text pairs)")
+    p.add_argument("--out", default="guidance-rt-layers", help="output folder (default guidance-rt-layers)")
+    p.add_argument("--mode", default="both", choices=["cosine", "skip", "both"])
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 4 bare, 28 pipeline)")
+    p.add_argument("--capture-step", type=int, action="append", dest="capture_steps", metavar="I",
+                   help="step index to capture (repeatable; default -1, the last)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-pairs", type=int, default=4, help="pairs per packed forward")
+    p.add_argument("--skip-chunk", type=int, default=8, help="skipped layers per packed forward")
+    p.add_argument("--skip-layers", default=None, help="restrict skip mode to these layers, e.g. 0-18")
+    p.add_argument("--top", type=int, default=5, help="candidates to report and mark")
+    p.add_argument("--full-captures", action="store_true", help="also save the full attention outputs")
+    p.add_argument("--dtype", type=_dtype, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None)
+    p.set_defaults(run=run_layers)
+
+
+def run_layers(args) -> int:
+    from . import analysis
+
+    try:
+        ranking = analysis.run_cli(args)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        return _fail("layers", e.args[0] if isinstance(e, KeyError) and e.args else e)
+    print(analysis.format_ranking(ranking, args.top))
+    return 0
+
+
+SUBCOMMANDS = [add_bench, add_generate, add_spec, add_layers]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guidance-rt", description="Training-free guidance for "
+                                     "diffusion models, every branch in one packed forward.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="guidance-rt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="time guided steps: packed runtime vs the sequential reference")
-    b.add_argument("--preset", default="tiny-sdxl", help="model preset (default: tiny-sdxl, runs on CPU)")
-    b.add_argument("--guidance", action="append", help="configuration name (repeatable; default: all for the family)")
-    b.add_argument("--steps", type=int, default=3, help="timed steps per implementation")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--device", default=None)
-    b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        from . import bench
-        try:
-            bench.run(args.preset, args.guidance, steps=args.steps, batch=args.batch, device=args.device,
-                      dtype=getattr(torch, args.dtype))
-        except (KeyError, ValueError) as e:
-            print(f"guidance-rt bench: {e}", file=sys.stderr)
-            return 2
-    return 0
+    args = build_parser().parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention import kernels_for
 from .plan import StepPlan
 from .scfg import smooth3x3
 
@@ -36,6 +37,14 @@ def combine(out: torch.Tensor, plan: StepPlan, cfg_scale: float, scales: tuple[f
     """eps = u + w (c - u) + sum_k s_k (c - p_k), or c + sum_k s_k (c - p_k) without an uncond
     row. `scales` follow plan.branches. `rate` (S-CFG): a per-pixel map multiplying w, or a
     function (u, c) -> that map. Accumulates in fp32 at least."""
+    kern = kernels_for(out)
+    if kern is not None:   # one pass over the predictions (rescale: one more reduction)
+        rate_map = None
+        if rate is not None and plan.has_uncond:
+            rate_map = rate(out[: plan.batch].float(), out[plan.cond_rows].float())
+        weights = kern.combine_weights(cfg_scale, scales, out.device)
+        return kern.guidance_combine(out, weights, plan.batch, plan.has_uncond,
+                                     cfg_rescale if plan.has_uncond else 0.0, rate_map)
     acc = torch.promote_types(out.dtype, torch.float32)
     c = out[plan.cond_rows].to(acc)
     eps = c.clone()

@@ -77,18 +77,25 @@ class RowSet:
             return x
         if self.slice is not None:
             return x[self.slice]
+        from .attention import kernels_for
+        kern = kernels_for(x)
+        if kern is not None:
+            return kern.gather_rows(x, self._idx(x.device))
         return x.index_select(0, self._idx(x.device))
 
     def put(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """x with these rows replaced by values (out of place)."""
         if self.all:
             return values
-        out = x.clone()
         if self.slice is not None:
+            out = x.clone()
             out[self.slice] = values
-        else:
-            out.index_copy_(0, self._idx(x.device), values)
-        return out
+            return out
+        from .attention import kernels_for
+        kern = kernels_for(x)
+        if kern is not None:
+            return kern.scatter_rows(x, self._idx(x.device), values)
+        return x.index_copy(0, self._idx(x.device), values)
 
 
 @dataclass

@@ -45,6 +45,8 @@ def head_mean_attention(q: torch.Tensor, k: torch.Tensor, x: torch.Tensor) -> to
 class SemanticMaps:
     """Accumulates the region maps of one step (rows: uncond then cond, 2B of them)."""
 
+    EXPLICIT_UP_TO = 256   # tokens: below this the (N x N) map is smaller than the text maps' work
+
     def __init__(self, R: int, completion: str, latent: tuple[int, int], batch: int):
         self.R, self.completion, self.latent, self.batch = R, completion, latent, batch
         self.ca = self.fore = None
@@ -63,7 +65,12 @@ class SemanticMaps:
         """q, k: attn1's (2B, heads, N, d); cross: attn2's head-mean probabilities (2B, N, T)."""
         r = self.level(grid)
         q, k, cross = q.float(), k.float(), cross.float()
-        attend = lambda x: head_mean_attention(q, k, x)   # A @ x
+        n = q.shape[2]
+        if n <= self.EXPLICIT_UP_TO:   # a small map is cheaper to form than many narrow attentions
+            a = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1).mean(1)
+            attend = lambda x: a @ x
+        else:
+            attend = lambda x: head_mean_attention(q, k, x)   # A @ x without forming A
         m = attend(cross)
         if self.completion == "code":
             m = (m + 3 * attend(m)) / 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..attention import kernels_for
 from ..layers import enumerate_layers
 from ..plan import BlockPlan, StepPlan
 
@@ -45,9 +46,17 @@ class Adapter:
         """TPG: permute the image tokens of the shuffled rows (one permutation per term/layer)."""
         if not bp.shuffle:
             return x
+        n = x[:, image].shape[1]
+        kern = kernels_for(x)
+        if kern is not None:   # one gather kernel over a device permutation table
+            table = torch.full((x.shape[0],), -1, dtype=torch.long)
+            for j, (start, end, _) in enumerate(bp.shuffle):
+                table[start:end] = j
+            stacked = torch.stack([perms(term, bp.position, n, x.device) for _, _, term in bp.shuffle])
+            return kern.token_shuffle(x, stacked, table.to(x.device), image.start or 0)
         x = x.clone()
         for start, end, term in bp.shuffle:
-            perm = perms(term, bp.position, x[:, image].shape[1], x.device)
+            perm = perms(term, bp.position, n, x.device)
             x[start:end, image] = x[start:end, image].index_select(1, perm)
         return x
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..attention import mmdit_identity_map, nag_combine, query_variants, shift_segments, variant_attention
+from ..attention import nag_combine, query_variants, shift_segments, variant_attention
 from ..plan import BLUR
 from .dit import DiTAdapter, NagStream
 
@@ -123,8 +123,7 @@ class FluxAdapter(DiTAdapter):
             q, k, v = torch.cat([text_q, q], 1), torch.cat([text_k, k], 1), torch.cat([text_v, v], 1)
         n_txt = q.shape[1] - (x.shape[1] - image_start)      # text tokens in the sequence
         image = slice(n_txt, None)
-        pag_map = mmdit_identity_map(image)
-        o = variant_attention(rotate(q, rope), rotate(k, rope), v.transpose(1, 2), bp.self_attn, pag_map)
+        o = variant_attention(rotate(q, rope), rotate(k, rope), v.transpose(1, 2), bp.self_attn, image)
         o = o.transpose(1, 2).flatten(2, 3).to(x.dtype)
         o_neg = None
         if nag is not None:
@@ -135,9 +134,8 @@ class FluxAdapter(DiTAdapter):
                 nq, nk, nv = attn.norm_q(unflat(attn.to_q(cn))), attn.norm_k(unflat(attn.to_k(cn))), unflat(attn.to_v(cn))
             nq, nk, nv = (torch.cat([t_neg, t[ps:, image]], 1) for t_neg, t in ((nq, q), (nk, k), (nv, v)))
             n_neg = nq.shape[1] - (q.shape[1] - n_txt)
-            neg_map = mmdit_identity_map(slice(n_neg, None))
             on = variant_attention(rotate(nq, nag.extra), rotate(nk, nag.extra), nv.transpose(1, 2),
-                                   shift_segments(bp.self_attn, ps), neg_map)
+                                   shift_segments(bp.self_attn, ps), slice(n_neg, None))
             on = on.transpose(1, 2).flatten(2, 3).to(x.dtype)
             guided = nag_combine(o[ps:, image], on[:, n_neg:], s.phi, s.tau, s.alpha, s.norm)
             o = torch.cat([o[:ps], torch.cat([o[ps:, :n_txt], guided], 1)])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import mmdit_identity_map, nag_combine, query_variants, shift_segments, variant_attention
+from ..attention import nag_combine, query_variants, shift_segments, variant_attention
 from .dit import DiTAdapter, NagStream
 
 SD3_PROCESSORS = ("JointAttnProcessor2_0",)
@@ -102,16 +102,17 @@ class SD3Adapter(DiTAdapter):
                 tk = attn.norm_added_k(tk)
             return tq, tk, tv
 
-        pag_map = mmdit_identity_map(slice(0, n_img))
+        image = slice(0, n_img)   # MEAN rows' image queries stay identical through qk-norm
         cq, ck, cv = text_qkv(c)
         o = merge(variant_attention(torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2),
-                                    bp.self_attn, pag_map))
+                                    bp.self_attn, image, mean_identical=True))
         o_img, o_txt, o_neg = o[:, :n_img], o[:, n_img:], None
         if nag is not None:
             ps, s = nag.pos_start, nag.step
             nq, nk, nv = text_qkv(cn)
             on = merge(variant_attention(torch.cat([q[ps:], nq], 2), torch.cat([k[ps:], nk], 2),
-                                         torch.cat([v[ps:], nv], 2), shift_segments(bp.self_attn, ps), pag_map))
+                                         torch.cat([v[ps:], nv], 2), shift_segments(bp.self_attn, ps), image,
+                                         mean_identical=True))
             guided = nag_combine(o_img[ps:], on[:, :n_img], s.phi, s.tau, s.alpha, s.norm)
             o_img = torch.cat([o_img[:ps], guided])
             o_neg = on[:, n_img:]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..attention import identity_map, nag_combine, qk_segments, query_variants, sdpa, variant_attention
+from ..attention import kernels_for, nag_combine, qk_segments, query_variants, sdpa, variant_attention
 from ..plan import IDENTITY, BlockPlan, Segment, StepPlan
 from .base import Adapter
 
@@ -215,8 +215,18 @@ class UNetAdapter(Adapter):
             logits = qs.float() @ k[:stat_rows].float().transpose(-1, -2) * attn.scale
             cross = logits.softmax(-1).mean(1)
         if nag is not None:
-            zn, _ = attend(q[pos_start:], neg[pos_start:])
-            z = torch.cat([z[:pos_start], nag_combine(z[pos_start:], zn, nag.phi, nag.tau, nag.alpha, nag.norm)])
+            kern = kernels_for(q)
+            qp, ps = q[pos_start:], pos_start
+            if kern is not None:   # both attentions and the combine in the NAG kernel
+                heads_first = lambda t: split(t).contiguous()
+                zp = kern.nag_attention(heads_first(qp), k[ps:].contiguous(), heads_first(attn.to_v(ehs[ps:])),
+                                        heads_first(attn.to_k(neg[ps:])), heads_first(attn.to_v(neg[ps:])),
+                                        nag.phi, nag.tau, nag.alpha, nag.norm)
+                zp = zp.transpose(1, 2).reshape(zp.shape[0], -1, zp.shape[1] * zp.shape[-1]).to(q.dtype)
+            else:
+                zn, _ = attend(qp, neg[ps:])
+                zp = nag_combine(z[ps:], zn, nag.phi, nag.tau, nag.alpha, nag.norm)
+            z = torch.cat([z[:ps], zp])
         return attn.to_out[1](attn.to_out[0](z)), cross
 
     def _self_attention(self, attn, x, bp, grid, stat_rows=0):
@@ -245,7 +255,7 @@ class UNetAdapter(Adapter):
             if attn.norm_q is not None:
                 q, k = attn.norm_q(q), attn.norm_k(k)
             qk = (q[:stat_rows], k[:stat_rows])   # the base rows come first and are never PAG rows
-            o = variant_attention(q, k, vh, qsegs, identity_map, mean_rows_identical=True)
+            o = variant_attention(q, k, vh, qsegs, mean_identical=True)
             o = o.transpose(1, 2).reshape(n, -1, heads * vh.shape[-1]).to(q.dtype)
             for s, r in zip(qsegs, rows):
                 pieces[r.start] = o[s.rows]
