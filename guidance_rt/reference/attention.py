@@ -157,6 +157,24 @@ class UNetSelfAttentionPAG(_PAGProcessor):
         return out / attn.rescale_output_factor
 
 
+def sd3_projections(attn, hidden_states, encoder_hidden_states):
+    """JointAttnProcessor2_0's head-split projections: image q, k, v then text q, k, v, with the
+    block's qk-norms applied."""
+    split = lambda t: _split_heads(t, attn.heads)
+    query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    text = encoder_hidden_states
+    t_query, t_key, t_value = split(attn.add_q_proj(text)), split(attn.add_k_proj(text)), split(attn.add_v_proj(text))
+    if attn.norm_added_q is not None:
+        t_query = attn.norm_added_q(t_query)
+    if attn.norm_added_k is not None:
+        t_key = attn.norm_added_k(t_key)
+    return query, key, value, t_query, t_key, t_value
+
+
 class SD3JointAttentionPAG(_PAGProcessor):
     """SD3 joint attention as ``JointAttnProcessor2_0`` computes it (qk-norm included), with the
     MM-DiT PAG map mixed into the image query rows. Sequence order: [image, text]."""
@@ -166,20 +184,7 @@ class SD3JointAttentionPAG(_PAGProcessor):
         if encoder_hidden_states is None or attention_mask is not None:
             raise ValueError("reference PAG: SD3 joint attention needs the text stream, no mask")
         n_img = hidden_states.shape[1]
-        query = _split_heads(attn.to_q(hidden_states), attn.heads)
-        key = _split_heads(attn.to_k(hidden_states), attn.heads)
-        value = _split_heads(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        t_query = _split_heads(attn.add_q_proj(encoder_hidden_states), attn.heads)
-        t_key = _split_heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
-        t_value = _split_heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
-        if attn.norm_added_q is not None:
-            t_query = attn.norm_added_q(t_query)
-        if attn.norm_added_k is not None:
-            t_key = attn.norm_added_k(t_key)
+        query, key, value, t_query, t_key, t_value = sd3_projections(attn, hidden_states, encoder_hidden_states)
         query = torch.cat([query, t_query], dim=2)
         key = torch.cat([key, t_key], dim=2)
         value = torch.cat([value, t_value], dim=2)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..layers import model_family
 from ..terms import NAG_DEFAULT_ALPHA, Guidance
-from .attention import (STOCK_PROCESSORS, FluxAttentionPAG, SD3JointAttentionPAG, _merge_heads,
+from .attention import (STOCK_PROCESSORS, FluxAttentionPAG, SD3JointAttentionPAG, _merge_heads, sd3_projections,
                         _split_heads, mmdit_pag_image_rows)
 from .perturb import _hook, _set_processor
 
@@ -173,20 +173,7 @@ class SD3JointAttentionNAG:
                              f"rows, got {hidden_states.shape[0]} and "
                              f"{encoder_hidden_states.shape[0]}")
         n_img = hidden_states.shape[1]
-        query = _split_heads(attn.to_q(hidden_states), attn.heads)
-        key = _split_heads(attn.to_k(hidden_states), attn.heads)
-        value = _split_heads(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        t_query = _split_heads(attn.add_q_proj(encoder_hidden_states), attn.heads)
-        t_key = _split_heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
-        t_value = _split_heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
-        if attn.norm_added_q is not None:
-            t_query = attn.norm_added_q(t_query)
-        if attn.norm_added_k is not None:
-            t_key = attn.norm_added_k(t_key)
+        query, key, value, t_query, t_key, t_value = sd3_projections(attn, hidden_states, encoder_hidden_states)
 
         def rows(image_part, text_part):                  # (2, H, n_img + T, d)
             return torch.cat([image_part.expand(2, -1, -1, -1), text_part], dim=2)
