@@ -6,7 +6,7 @@ layer does to them is the plan's job (plan.py); the adapters execute it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
 LayerSpec = Any  # str | int | Sequence[str | int] | None (None: the model family's default)

@@ -82,7 +82,7 @@ class SD3Adapter(DiTAdapter):
             a_img, a_txt = attn(hidden_states=x, encoder_hidden_states=c)
             return a_img, a_txt, None
         self.require_processor(attn, SD3_PROCESSORS, f"layer {self.layers[bp.position].name}")
-        rows, n_img, heads = x.shape[0], x.shape[1], attn.heads
+        n_img, heads = x.shape[1], attn.heads
         q = query_variants(attn.to_q(x), bp.self_attn, grid, slice(None))
         k, v = attn.to_k(x), attn.to_v(x)
         head_dim = k.shape[-1] // heads

@@ -296,7 +296,7 @@ def scfg_recorded(model: nn.Module, term: SCFG | None, sample: torch.Tensor):
         raise ValueError(f"reference S-CFG: no cross-attention map for {sorted(pending)}")
     if not recording.layers:
         wanted = ", ".join(f"latent/{r} = {h}x{w}" for (h, w), r in levels.items()) or (
-            f"neither divides the latent")
+            "neither divides the latent")
         seen = ", ".join(f"{h}x{w}" for h, w in sorted(recording.grids_seen, reverse=True))
         raise ValueError(f"S-CFG: the UNet has no transformer block at the maps' levels for a "
                          f"{latent[0]}x{latent[1]} latent with R={term.R} ({wanted}); its "
