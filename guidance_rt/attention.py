@@ -15,6 +15,7 @@ Variants (methods.md sections 2-3):
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -26,8 +27,12 @@ _KERNELS: list = []
 
 
 def kernels_for(t: torch.Tensor):
-    """guidance_rt.kernels when its Triton kernels serve this tensor (CUDA, or CPU inside
-    `kernels.triton_on_cpu()`), else None: the plain PyTorch path below."""
+    """guidance_rt.kernels when its Triton kernels serve this tensor, else None: the plain
+    PyTorch path below. CUDA tensors use them only with GUIDANCE_RT_KERNELS=1 until they are
+    validated on a GPU (an out-of-bounds access under Triton's interpreter is not yet found);
+    CPU tensors inside `kernels.triton_on_cpu()` run them in the interpreter."""
+    if t.device.type == "cuda" and os.environ.get("GUIDANCE_RT_KERNELS") != "1":
+        return None
     if not _KERNELS:
         try:
             from . import kernels
