@@ -191,7 +191,7 @@ def variant_attention(q, k, v, segments: tuple[Segment, ...], image: slice | Non
             outs.append(o)
         else:  # NORMAL, BLUR, MEAN
             outs.append(sdpa(qs, ks, vs))
-    return _join(outs, segments)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 _TABLES: dict = {}
@@ -215,11 +215,6 @@ def _row_tables(kern, segments, rows: int, heads: int, device, mean_identical: b
                 mask[s.rows, [h for h in s.heads if h < heads]] = True
         _TABLES[key] = (mode.to(device), beta.to(device), mask.to(device))
     return _TABLES[key]
-
-
-def _join(outs, segments):
-    # normal segments adjacent in a batch are already one segment, so this cat is per branch
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def qk_segments(segments: tuple[Segment, ...]) -> tuple[tuple[Segment, ...], list[slice]]:

@@ -167,16 +167,6 @@ class StepPlan:
             self._row_source_on[device] = self.row_source.to(device)
         return self._row_source_on[device]
 
-    def block_row_counts(self, num_blocks: int) -> list[int]:
-        """Rows each block really runs on (for FLOP accounting and tests)."""
-        counts = []
-        for p in range(num_blocks):
-            bp = self.blocks.get(p)
-            rows = bp.rows if bp else self.rows_before(p)
-            if bp and bp.run is not None:
-                rows = bp.run.count
-            counts.append(rows)
-        return counts
 
 
 def _segments(spans: list[tuple[int, int, Segment | None]]) -> tuple:
