@@ -28,10 +28,9 @@ _KERNELS: list = []
 
 def kernels_for(t: torch.Tensor):
     """guidance_rt.kernels when its Triton kernels serve this tensor, else None: the plain
-    PyTorch path below. CUDA tensors use them only with GUIDANCE_RT_KERNELS=1 until they are
-    validated on a GPU (an out-of-bounds access under Triton's interpreter is not yet found);
-    CPU tensors inside `kernels.triton_on_cpu()` run them in the interpreter."""
-    if t.device.type == "cuda" and os.environ.get("GUIDANCE_RT_KERNELS") != "1":
+    PyTorch path below. CUDA tensors use them (GUIDANCE_RT_KERNELS=0 turns them off); CPU
+    tensors only inside `kernels.triton_on_cpu()`, where Triton's interpreter runs them."""
+    if t.device.type == "cuda" and os.environ.get("GUIDANCE_RT_KERNELS", "1") == "0":
         return None
     if not _KERNELS:
         try:
@@ -169,9 +168,17 @@ def variant_attention(q, k, v, segments: tuple[Segment, ...], image: slice | Non
         return sdpa(q, k, v)
     kern = kernels_for(q)
     if kern is not None:
-        mode, beta, heads = _row_tables(kern, segments, q.shape[0], q.shape[1], q.device, mean_identical)
+        # rows plain attention serves go to SDPA (its best backend), only the variant rows to the
+        # kernel, so normal rows never run slower than SDPA
         span = None if image is None else (image.start or 0, q.shape[2] if image.stop is None else image.stop)
-        return kern.variant_attention(q, k, v, mode, beta, heads, span)
+        outs = []
+        for lo, hi, run in _kernel_runs(segments, mean_identical):
+            if run is None:
+                outs.append(sdpa(q[lo:hi], k[lo:hi], v[lo:hi]))
+            else:
+                mode, beta, heads = _row_tables(kern, run, hi - lo, q.shape[1], q.device, mean_identical)
+                outs.append(kern.variant_attention(q[lo:hi], k[lo:hi], v[lo:hi], mode, beta, heads, span))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
     pag_map = identity_map if image is None else mmdit_identity_map(image)
     outs = []
     for s in segments:
@@ -192,6 +199,22 @@ def variant_attention(q, k, v, segments: tuple[Segment, ...], image: slice | Non
         else:  # NORMAL, BLUR, MEAN
             outs.append(sdpa(qs, ks, vs))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _kernel_runs(segments: tuple[Segment, ...], mean_identical: bool):
+    """Consecutive rows grouped into runs (lo, hi, segments re-based to lo), or (lo, hi, None)
+    for rows plain attention serves: NORMAL and BLUR (its query is already blurred), and MEAN
+    unless one query row per (row, head) is exact."""
+    runs = []
+    for s in segments:
+        plain = s.mode in (NORMAL, BLUR) or (s.mode == MEAN and not mean_identical)
+        if runs and (runs[-1][2] is None) == plain and runs[-1][1] == s.start:
+            runs[-1][1] = s.end
+            if not plain:
+                runs[-1][2].append(s)
+        else:
+            runs.append([s.start, s.end, None if plain else [s]])
+    return [(lo, hi, None if run is None else shift_segments(tuple(run), lo)) for lo, hi, run in runs]
 
 
 _TABLES: dict = {}

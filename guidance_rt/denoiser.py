@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,42 @@ class NagStep:
     tau: float
     alpha: float
     norm: int
+
+Scale = float | list[float]   # one number, or one per sample (per-sample guidances)
+
+
+def _collapse(values: list[float]) -> Scale:
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def _times(s: Scale, weight: float) -> Scale:
+    return [v * weight for v in s] if isinstance(s, list) else s * weight
+
+
+def check_per_sample(guidance) -> tuple[Guidance, ...]:
+    """The Guidance, or the per-sample list of them, as a tuple; per-sample Guidances must share
+    their structure (see Guidance.structure)."""
+    items = tuple(guidance) if isinstance(guidance, (list, tuple)) else (guidance,)
+    if not items:
+        raise ValueError("guidance is an empty list: give a grt.Guidance or one per sample")
+    for g in items:
+        if not isinstance(g, Guidance):
+            raise TypeError(f"guidance must be a grt.Guidance or a list of them, got {type(g).__name__}")
+    first = items[0].structure()
+    for k, g in enumerate(items[1:], 1):
+        other = g.structure()
+        if other != first:
+            names = lambda st: [name for name, _ in st]
+            if names(other) != names(first):
+                why = f"terms {names(other)} instead of {names(first)}"
+            else:
+                j = next(j for j, (a, b) in enumerate(zip(first, other)) if a != b)
+                diff = [f for (f, v), (_, u) in zip(first[j][1], other[j][1]) if v != u]
+                why = f"{first[j][0]}.{', '.join(diff)} (term {j})"
+            raise ValueError(f"per-sample Guidances can differ only in {', '.join(Guidance.PER_SAMPLE_FIELDS)} "
+                             f"(NAG not at all); sample {k} differs from sample 0 in {why}")
+    return items
+
 
 # forward arguments that are not batched per sample (shared by every row)
 UNBATCHED = {"flux": ("txt_ids", "img_ids")}
@@ -68,14 +105,20 @@ class GuidedDenoiser:
     ``den(sample, timestep, cond=..., uncond=..., step=i, num_steps=n, generator=g)`` runs the
     uncond, cond and every active perturbed row of step i in one forward and returns the guided
     prediction (methods.md section 1). The model is never modified.
+
+    ``guidance`` may also be a list with one Guidance per sample of the batch, all with the same
+    ``Guidance.structure()`` (they differ only in scales and step windows): one packed forward
+    then serves them all, each sample combined with its own scales (comparison grids).
     """
 
-    def __init__(self, model: nn.Module, guidance: Guidance, *, check_inputs: bool = True):
-        if not isinstance(guidance, Guidance):
-            raise TypeError(f"guidance must be a grt.Guidance, got {type(guidance).__name__}")
+    def __init__(self, model: nn.Module, guidance: Guidance | Sequence[Guidance], *,
+                 check_inputs: bool = True):
+        per_sample = check_per_sample(guidance)
         self.family = model_family(model)
         self.model = model
-        self.guidance = guidance
+        self.guidance = per_sample[0]           # the terms, layers and fields every sample shares
+        self.per_sample = per_sample if len(per_sample) > 1 or isinstance(guidance, (list, tuple)) else None
+        guidance = self.guidance
         self.check_inputs = check_inputs
         if isinstance(guidance.cfg, SCFG) and self.family != "unet":
             raise NotImplementedError(f"SCFG (semantic-aware CFG) is supported on UNet models (SD1.5, SDXL) "
@@ -94,21 +137,25 @@ class GuidedDenoiser:
 
     # ---------------------------------------------------------------- per step
 
-    def branch_scales(self, step: int, num_steps: int, timestep) -> tuple[float, list[tuple[int, PerturbationTerm, float]]]:
-        """CFG weight (1.0: no uncond row) and the active perturbation terms with their scales."""
-        g = self.guidance
-        w = g.cfg.step_scale(step, num_steps) if g.cfg is not None else 1.0
+    def branch_scales(self, step: int, num_steps: int, timestep) -> tuple[Scale, list[tuple[int, PerturbationTerm, Scale]]]:
+        """CFG weight (1.0: no uncond row) and the active perturbation terms with their scales.
+        With per-sample guidances a scale that differs between samples is a list, one per sample,
+        and a term is active when it is for any sample."""
+        guidances = self.per_sample or (self.guidance,)
         t_value = None
-        if any(getattr(t, "adaptive_scale", 0) for t in g.perturbations):
+        if any(getattr(t, "adaptive_scale", 0) for g in guidances for t in g.perturbations):
             t_value = float(torch.as_tensor(timestep).flatten()[0])
+        w = _collapse([g.cfg.step_scale(step, num_steps) if g.cfg is not None else 1.0 for g in guidances])
         active = []
-        for i, t in enumerate(g.terms):
+        for i, t in enumerate(self.guidance.terms):
             if isinstance(t, PerturbationTerm):
-                s = t.step_scale(step, num_steps, t_value)
-                if isinstance(t, SLG):
-                    s = t.coefficient(s)
-                if s != 0:
-                    active.append((i, t, s))
+                scales = []
+                for g in guidances:
+                    term = g.terms[i]
+                    s = term.step_scale(step, num_steps, t_value)
+                    scales.append(term.coefficient(s) if isinstance(term, SLG) else s)
+                if any(s != 0 for s in scales):
+                    active.append((i, t, _collapse(scales)))
         return w, active
 
     def plan(self, batch: int, has_uncond: bool, active, nag: bool = False) -> StepPlan:
@@ -126,9 +173,12 @@ class GuidedDenoiser:
         if not isinstance(cond, dict):
             raise TypeError("cond must be a dict of the model's forward keyword arguments")
         batch = sample.shape[0]
+        if self.per_sample is not None and len(self.per_sample) != batch:
+            raise ValueError(f"guidance has {len(self.per_sample)} per-sample Guidances but the sample "
+                             f"batch is {batch}; give one Guidance per sample")
         unbatched = UNBATCHED.get(self.family, ())
         w, active = self.branch_scales(step, num_steps, timestep)
-        has_uncond = w != 1.0
+        has_uncond = any(v != 1.0 for v in (w if isinstance(w, list) else [w]))
         g = self.guidance
         nag = None
         if g.nag is not None and g.nag.step_scale(step, num_steps) != 1.0:
@@ -181,7 +231,7 @@ class GuidedDenoiser:
     @staticmethod
     def _ordered(plan: StepPlan, active):
         by_index = {i: s for i, _, s in active}
-        return [(b.term_index, b.term, by_index[b.term_index] * b.weight) for b in plan.branches]
+        return [(b.term_index, b.term, _times(by_index[b.term_index], b.weight)) for b in plan.branches]
 
     def _permutations(self, plan: StepPlan, generator, device):
         """TPG permutations: one seed per active TPG term per step from the user's generator, then

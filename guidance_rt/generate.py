@@ -14,9 +14,10 @@ Grids (``--grid PARAM=v1,v2,... [PARAM2=...]``): PARAM is ``term.field`` (``pag.
 values are spec values (``inf``, ``none``), list values in brackets (``slg.layers=[7,8,9],[8]``).
 A term the guidance does not have is added with its defaults. Every cell uses the same seed;
 the grid PNG gets labels, and each cell is also written as its own reproducible PNG. Cells that
-share a step configuration (they differ only in scales) form one group (``step_configuration``);
-groups run one after another and, within a group, cell by cell: one packed batch per group needs
-per-sample guidance scales in the runtime (see ``run_grid``).
+share a step configuration (they differ only in scales) form one group (``step_configuration``),
+and a group runs as one packed batch: one pipeline call whose images each have their own
+Guidance (``guided(pipe, [g_1, ..., g_n])``). A cell's PNG records its group (``pack``: every
+image's guidance) and its place in it, and ``--from-image`` re-runs the group.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from . import spec as spec_mod
-from .terms import CFG, Guidance
+from .terms import CFG, NAG, Guidance
 
 DEFAULT_GUIDANCE = {"unet": "cfg=5", "sd3": "cfg=4", "flux": ""}
 METADATA_KEY = "guidance-rt"
@@ -55,6 +56,8 @@ class Settings:
     seed: int = 0
     batch: int = 1
     index: int = 0                        # this image's position in its batch
+    pack: list[str] | None = None         # grid cells run together: every image's guidance spec
+                                          # (then batch = len(pack) and every image uses `seed`)
     model: str | None = None              # local folder or hub id
     preset: str | None = None             # or a tiny preset with random weights
     dtype: str | None = None
@@ -203,23 +206,30 @@ def resolve(settings: Settings, pipe) -> tuple[Settings, Guidance]:
 
 
 def generate(pipe, settings: Settings, guidance: Guidance) -> list:
-    """The batch's PIL images."""
+    """The batch's PIL images. With ``settings.pack`` (a packed grid group) image i has the
+    guidance ``pack[i]`` and every image the seed ``settings.seed``; `guidance` is then unused."""
     from .pipelines import guided
 
     if settings.steps < 1 or settings.batch < 1:
         raise ValueError("--steps and --batch must be >= 1")
+    if settings.pack:
+        guidance = [spec_mod.load_guidance(text) for text in settings.pack]
+        seeds = [settings.seed] * len(settings.pack)
+    else:
+        seeds = [settings.seed + i for i in range(settings.batch)]
+    first = guidance[0] if isinstance(guidance, list) else guidance
     family = _family(pipe)
     negative = settings.negative_prompt
-    if family == "flux" and guidance.cfg is not None and negative is None:
+    if family == "flux" and first.cfg is not None and negative is None:
         negative = ""   # FLUX true CFG needs a negative prompt
-    gens = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in range(settings.batch)]
+    gens = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     kwargs: dict[str, Any] = dict(prompt=settings.prompt, num_inference_steps=settings.steps,
                                   height=settings.height, width=settings.width,
-                                  num_images_per_prompt=settings.batch, generator=gens)
+                                  num_images_per_prompt=len(seeds), generator=gens)
     if negative is not None:
         kwargs["negative_prompt"] = negative
     extra = {}
-    if getattr(guidance, "nag", None) is not None:
+    if first.nag is not None:
         extra["nag_negative_prompt"] = settings.nag_negative_prompt
     with torch.no_grad(), guided(pipe, guidance, **extra):
         return list(pipe(**kwargs).images)
@@ -348,19 +358,17 @@ def cell_guidance(base: Guidance, assignment: list[tuple[Axis, Any]]) -> Guidanc
 
 
 def step_configuration(g: Guidance, steps: int) -> tuple:
-    """What the rows of every step of an N-step run are: which terms run, with which fields other
-    than their scales. Cells with equal keys differ only in scales (they could share one forward
-    with per-sample scales)."""
+    """Which terms run in every step of an N-step run, and everything about them that one packed
+    batch must share (Guidance.structure). Cells with equal keys differ only in scales and run
+    as one batch with per-sample scales, without a row any of them does not need."""
+    structure = dict(enumerate(g.structure()))
     out = []
     for i in range(steps):
         active = []
-        for t in g.terms:
-            off_scale = 1.0 if isinstance(t, CFG) or type(t).__name__ == "NAG" else 0.0
-            if not t.in_window(i, steps) or t.scale == off_scale:
-                continue
-            rest = tuple((f.name, getattr(t, f.name)) for f in dataclasses.fields(t)
-                         if f.name not in ("scale", "start", "stop"))
-            active.append((type(t).__name__, rest))
+        for k, t in enumerate(g.terms):
+            off_scale = 1.0 if isinstance(t, (CFG, NAG)) else 0.0
+            if t.in_window(i, steps) and t.scale != off_scale:
+                active.append(structure[k])
         out.append(tuple(active))
     return tuple(out)
 
@@ -391,15 +399,21 @@ def plan_grid(base: Settings, guidance: Guidance, axes: list[Axis]) -> list[Cell
 
 
 def run_grid(pipe, cells: list[Cell], log: Callable[[str], None] = lambda s: None) -> list[Cell]:
-    """Every cell in the same seed. Cells are run group by group (a group shares its step
-    configuration). Packing a group into one batch needs per-sample scales in GuidedDenoiser /
-    guided() (each row's w and s_k; combine() broadcasts them): until the runtime has them, a
-    group runs cell by cell."""
+    """Every cell in the same seed; each group of cells sharing a step configuration is one
+    packed batch (one pipeline call with per-sample Guidances)."""
     groups = sorted({c.group for c in cells})
-    log(f"grid: {len(cells)} cells in {len(groups)} step configuration(s)")
+    log(f"grid: {len(cells)} cells in {len(groups)} packed batch(es)")
     for gid in groups:
-        for c in (c for c in cells if c.group == gid):
-            c.image = generate(pipe, c.settings, c.guidance)[0]
+        members = [c for c in cells if c.group == gid]
+        if len(members) == 1:
+            members[0].image = generate(pipe, members[0].settings, members[0].guidance)[0]
+            continue
+        pack = [c.settings.guidance for c in members]
+        for k, c in enumerate(members):
+            c.settings.pack, c.settings.batch, c.settings.index = pack, len(pack), k
+        images = generate(pipe, members[0].settings, members[0].guidance)
+        for c, image in zip(members, images):
+            c.image = image
     return cells
 
 
@@ -451,6 +465,8 @@ def settings_from_args(args) -> Settings:
         s.label = None
     else:
         s = Settings(model=args.model, preset=args.preset)
+    if s.pack and (getattr(args, "guidance", None) is not None or getattr(args, "batch", None) is not None):
+        s.pack, s.batch, s.index = None, 1, 0    # a new guidance or batch: not the grid group any more
     for name in ("prompt", "negative_prompt", "nag_negative_prompt", "guidance", "steps", "seed", "batch"):
         value = getattr(args, name, None)
         if value is not None:

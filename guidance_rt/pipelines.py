@@ -17,7 +17,7 @@ import inspect
 
 import torch
 
-from .denoiser import GuidedDenoiser
+from .denoiser import GuidedDenoiser, check_per_sample
 from .terms import Guidance
 
 # pipeline class -> (denoiser attribute, family)
@@ -73,24 +73,25 @@ def _split(value, batch: int, half: int):
     return value
 
 
-def _check_arguments(pipe_name: str, kind: str, guidance: Guidance, kwargs: dict):
+def _check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], kwargs: dict):
     for name, instead in FOREIGN_GUIDANCE.items():
         if kwargs.get(name) not in (None, [], ()):
             raise ValueError(f"{pipe_name}({name}=...) contradicts guided(): the Guidance "
                              f"decides the guidance; use {instead} instead")
-    cfg = guidance.cfg
+    cfg = guidances[0].cfg            # every per-sample Guidance has CFG, or none has
     scale_arg = "true_cfg_scale" if kind == "FluxPipeline" else "guidance_scale"
-    wanted = cfg.scale if cfg is not None else 1.0
-    if cfg is not None and cfg.scale <= 1.0:
-        raise ValueError(f"guided(): CFG(scale={cfg.scale}) needs scale > 1 in a pipeline (drop the CFG "
+    wanted = sorted({g.cfg.scale for g in guidances}) if cfg is not None else [1.0]
+    if cfg is not None and wanted[0] <= 1.0:
+        raise ValueError(f"guided(): CFG(scale={wanted[0]}) needs scale > 1 in a pipeline (drop the CFG "
                          "term to run without an unconditional branch)")
     given = kwargs.get(scale_arg)
-    if given is not None and not (given == wanted or (cfg is None and given <= 1.0)):
+    if given is not None and not (wanted == [given] or (cfg is None and given <= 1.0)):
         raise ValueError(f"{pipe_name}({scale_arg}={given}) contradicts the Guidance "
-                         f"({'CFG scale ' + str(cfg.scale) if cfg else 'no CFG term'}); pass "
-                         f"{scale_arg}={wanted} or leave it out")
-    kwargs[scale_arg] = wanted
-    rescale = kwargs.get("guidance_rescale")
+                         f"({'CFG scale ' + '/'.join(map(str, wanted)) if cfg else 'no CFG term'}); "
+                         f"leave {scale_arg} out")
+    # the pipeline only needs to know that CFG is on (its own arithmetic leaves eps unchanged)
+    kwargs[scale_arg] = wanted[-1]
+    rescale = kwargs.get("guidance_rescale")   # rescale is shared by per-sample Guidances
     if rescale not in (None, 0, 0.0) and (cfg is None or rescale != cfg.rescale):
         raise ValueError(f"guidance_rescale={rescale} contradicts the Guidance; use grt.CFG(rescale=...)")
     if kind == "FluxPipeline" and cfg is not None and kwargs.get("negative_prompt") is None \
@@ -194,19 +195,20 @@ def _wrap(out, return_dict, den):
 
 
 @contextlib.contextmanager
-def guided(pipe, guidance: Guidance, *, nag_negative_prompt: str | None = None):
+def guided(pipe, guidance: Guidance | list[Guidance], *, nag_negative_prompt: str | None = None):
     """Run a stock diffusers pipeline's own __call__ with one packed forward per step.
-    With a NAG term, `nag_negative_prompt` is encoded by the pipeline's own text encoders."""
-    if not isinstance(guidance, Guidance):
-        raise TypeError(f"guidance must be a grt.Guidance, got {type(guidance).__name__}")
+    With a NAG term, `nag_negative_prompt` is encoded by the pipeline's own text encoders.
+    A list of Guidances gives every image of the pipeline's batch its own (see GuidedDenoiser:
+    they may differ only in scales and step windows), all in one packed forward per step."""
+    guidances = check_per_sample(guidance)
     kind = _pipeline_kind(pipe)
-    if guidance.nag is not None and nag_negative_prompt is None:
+    if guidances[0].nag is not None and nag_negative_prompt is None:
         raise ValueError("the Guidance has a NAG term: pass guided(pipe, guidance, nag_negative_prompt=...) "
                          "(NAG guides away from that prompt)")
     model = getattr(pipe, SUPPORTED_PIPELINES[kind])
     den = GuidedDenoiser(model, guidance)
     session = _Session(den, kind)
-    session.nag_text = nag_negative_prompt if guidance.nag is not None else None
+    session.nag_text = nag_negative_prompt if guidances[0].nag is not None else None
     original_class = type(pipe)
     session.original_class = original_class
     had_forward = "forward" in model.__dict__
@@ -218,7 +220,7 @@ def guided(pipe, guidance: Guidance, *, nag_negative_prompt: str | None = None):
         bound = inspect.signature(original_class.__call__).bind(self, *args, **kwargs)
         kwargs = {k: v for k, v in bound.arguments.items() if k != "self"}
         kwargs.update(kwargs.pop("kwargs", {}) if "kwargs" in params else {})
-        _check_arguments(original_class.__name__, kind, guidance, kwargs)
+        _check_arguments(original_class.__name__, kind, guidances, kwargs)
         if "guidance_rescale" in params:
             kwargs["guidance_rescale"] = 0.0   # the Guidance's CFG term rescales
         session.reset(kwargs.get("generator"))

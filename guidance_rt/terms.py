@@ -317,6 +317,18 @@ class Guidance:
             terms.append(TERM_TYPES[kind](**d))
         return cls(*terms)
 
+    # what may differ between the samples of one packed batch (GuidedDenoiser with a list of
+    # Guidances): the numbers that only weight a branch in the combine. NAG's scale acts inside
+    # attention, so NAG must be the same for every sample.
+    PER_SAMPLE_FIELDS = ("scale", "start", "stop", "adaptive_scale")
+
+    def structure(self) -> tuple:
+        """The terms without their per-sample fields: Guidances with equal structures can share
+        one packed forward with per-sample scales."""
+        return tuple((type(t).__name__, tuple(
+            (f.name, getattr(t, f.name)) for f in fields(t)
+            if isinstance(t, NAG) or f.name not in self.PER_SAMPLE_FIELDS)) for t in self.terms)
+
     def replace(self, index: int, **changes) -> "Guidance":
         terms = list(self.terms)
         terms[index] = replace(terms[index], **changes)

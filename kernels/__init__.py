@@ -4,20 +4,30 @@ Every op has a plain PyTorch implementation (CPU, or any device without Triton) 
 kernels (CUDA; CPU tensors inside `triton_on_cpu()`, run by Triton's interpreter). See
 kernels/README.md for the API and the semantics of each op.
 """
-from ._common import HAS_TRITON, INTERPRET, triton_on_cpu
-from .attention import IDENTITY, MEAN, NORMAL, SOFT, variant_attention
-from .blur import query_blur, seg_kernel_size
-from .combine import combine_weights, guidance_combine
-from .nag import nag_attention
-from .rows import gather_rows, scatter_rows
-from .shuffle import token_shuffle
+if __name__ == "guidance_rt.kernels":
+    from ._common import HAS_TRITON, INTERPRET, triton_on_cpu
+    from .attention import IDENTITY, MEAN, NORMAL, SOFT, variant_attention
+    from .blur import query_blur, seg_kernel_size
+    from .combine import combine_weights, guidance_combine
+    from .nag import nag_attention
+    from .rows import gather_rows, scatter_rows
+    from .shuffle import token_shuffle
 
-__all__ = [
-    "HAS_TRITON", "INTERPRET", "triton_on_cpu",
-    "NORMAL", "IDENTITY", "SOFT", "MEAN", "variant_attention",
-    "query_blur", "seg_kernel_size",
-    "nag_attention",
-    "token_shuffle",
-    "gather_rows", "scatter_rows",
-    "guidance_combine", "combine_weights",
-]
+    __all__ = [
+        "HAS_TRITON", "INTERPRET", "triton_on_cpu",
+        "NORMAL", "IDENTITY", "SOFT", "MEAN", "variant_attention",
+        "query_blur", "seg_kernel_size",
+        "nag_attention",
+        "token_shuffle",
+        "gather_rows", "scatter_rows",
+        "guidance_combine", "combine_weights",
+    ]
+else:
+    # Imported as a top-level `kernels` from the repository root (transformers imports that name
+    # to probe for the Hugging Face `kernels` package). Running the op definitions again would
+    # re-register every guidance_rt op, freeing the operators that existing op handles still
+    # point to (intermittent crashes inside torch's op calls), so only re-export the package.
+    try:
+        from guidance_rt.kernels import *  # noqa: F401,F403
+    except ImportError:   # guidance_rt not installed: an empty module, never an import error
+        pass

@@ -4,9 +4,10 @@
 
 out: (R, ...) the packed model output, rows [uncond x B (if has_uncond)] [cond x B]
 [branch_1 x B] ... [branch_K x B] (guidance_rt.plan's layout; B = batch). weights: (1 + K,)
-float tensor on the device, [w, s_1, ..., s_K] (w is ignored without uncond rows; a device
-tensor so per-step scales, e.g. PAG's adaptive scale, need no recompile or graph re-capture).
-Per sample b, with u, c, p_k its rows:
+float tensor on the device, [w, s_1, ..., s_K], or (1 + K, B) with every sample's own scales
+(w is ignored without uncond rows; a device tensor so per-step scales, e.g. PAG's adaptive
+scale, need no recompile or graph re-capture). Per sample b, with u, c, p_k its rows (and its
+column of weights):
 
     eps = u + w rate (c - u) + sum_k s_k (c - p_k)      (has_uncond; rate = 1 without a map)
     eps = c + sum_k s_k (c - p_k)                        (no uncond rows)
@@ -35,13 +36,13 @@ if HAS_TRITON:
     from ._common import fsum, to_out
 
     @jit
-    def _eps_chunk(P, W, RATE, b, offs, mask, s_pr, s_rr, B, K, cond_row, branch_row,
+    def _eps_chunk(P, W, RATE, b, offs, mask, s_pr, s_rr, s_wk, s_wb, B, K, cond_row, branch_row,
                    rate_block, rate_inner, HAS_UNCOND: tl.constexpr, HAS_RATE: tl.constexpr):
         """c and eps of sample b at flat offsets `offs` (fp32)."""
         c = tl.load(P + (cond_row + b) * s_pr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_UNCOND:
             u = tl.load(P + b * s_pr + offs, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W)
+            w = tl.load(W + b * s_wb)
             if HAS_RATE:
                 # the rate map has the sample's shape with one dim of size 1: index it
                 idx = (offs // rate_block) * rate_inner + offs % rate_inner
@@ -50,14 +51,14 @@ if HAS_TRITON:
         else:
             eps = c
         for k in range(0, K):
-            s = tl.load(W + 1 + k)
+            s = tl.load(W + (1 + k) * s_wk + b * s_wb)
             p = tl.load(P + (branch_row + k * B + b) * s_pr + offs, mask=mask,
                         other=0.0).to(tl.float32)
             eps += s * (c - p)
         return c, eps
 
     @jit
-    def _combine(P, W, RATE, Y, STATS, s_pr, s_rr, s_yr, M, B, K, cond_row, branch_row,
+    def _combine(P, W, RATE, Y, STATS, s_pr, s_rr, s_wk, s_wb, s_yr, M, B, K, cond_row, branch_row,
                  rate_block, rate_inner, rescale, n_chunks,
                  HAS_UNCOND: tl.constexpr, HAS_RATE: tl.constexpr, RESCALE: tl.constexpr,
                  STATS_PASS: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_P2: tl.constexpr,
@@ -66,7 +67,7 @@ if HAS_TRITON:
         chunk = tl.program_id(1)
         offs = chunk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M
-        c, eps = _eps_chunk(P, W, RATE, b, offs, mask, s_pr, s_rr, B, K, cond_row, branch_row,
+        c, eps = _eps_chunk(P, W, RATE, b, offs, mask, s_pr, s_rr, s_wk, s_wb, B, K, cond_row, branch_row,
                             rate_block, rate_inner, HAS_UNCOND, HAS_RATE)
         if STATS_PASS:
             # per chunk: count, mean and centred sum of squares of c and of eps
@@ -129,9 +130,9 @@ def _check(out, weights, batch, has_uncond, rate):
         raise ValueError(f"guidance_combine: {rows} rows do not fit batch {batch} "
                          f"(uncond rows: {has_uncond})")
     branches = (rows - base) // batch
-    if weights.shape != (1 + branches,):
-        raise ValueError(f"guidance_combine: weights must be (1 + {branches},) = [w, s_1..s_K], "
-                         f"got {tuple(weights.shape)}")
+    if weights.shape not in ((1 + branches,), (1 + branches, batch)):
+        raise ValueError(f"guidance_combine: weights must be (1 + {branches},) = [w, s_1..s_K] or "
+                         f"(1 + {branches}, {batch}) per sample, got {tuple(weights.shape)}")
     if rate is not None and not has_uncond:
         raise ValueError("guidance_combine: a rate map scales CFG, which needs uncond rows")
     if rate is not None and rate.shape[0] not in (1, batch):
@@ -148,7 +149,8 @@ def _triton_impl(out, weights, batch: int, has_uncond: bool, rescale: float, rat
     y = poison_(out.new_empty((batch,) + sample_shape))
     if y.numel() == 0:
         return y
-    w = weights.to(torch.float32)
+    w = weights.to(torch.float32).contiguous()
+    s_wk, s_wb = (w.shape[1], 1) if w.dim() == 2 else (1, 0)
     rate_block, rate_inner, s_rr = 1, 1, 0
     if rate is not None:
         rate_block, rate_inner = _rate_index(rate, sample_shape)
@@ -158,7 +160,7 @@ def _triton_impl(out, weights, batch: int, has_uncond: bool, rescale: float, rat
     block = 1024 if out.device.type == "cuda" else 64
     n_chunks = triton.cdiv(m, block)
     stats = poison_(out.new_empty((batch * n_chunks * 5,), dtype=torch.float32))
-    args = (p, w, rate if rate is not None else w, y, stats, p.stride(0), s_rr, m, m, batch,
+    args = (p, w, rate if rate is not None else w, y, stats, p.stride(0), s_rr, s_wk, s_wb, m, m, batch,
             branches, batch if has_uncond else 0, base, rate_block, rate_inner, float(rescale),
             n_chunks)
     meta = dict(HAS_UNCOND=has_uncond, HAS_RATE=rate is not None, RESCALE=rescale > 0,
@@ -173,7 +175,8 @@ def _triton_impl(out, weights, batch: int, has_uncond: bool, rescale: float, rat
 def _torch_impl(out, weights, batch: int, has_uncond: bool, rescale: float, rate) -> torch.Tensor:
     base, branches = _check(out, weights, batch, has_uncond, rate)
     acc = torch.promote_types(out.dtype, torch.float32)
-    w = weights.to(acc)
+    # per-sample weights (1 + K, B): column b weights sample b
+    w = weights.to(acc) if weights.dim() == 1 else weights.to(acc).reshape(*weights.shape, *[1] * (out.dim() - 1))
     c = out[base - batch: base].to(acc)
     if has_uncond:
         u = out[:batch].to(acc)
@@ -217,8 +220,14 @@ def guidance_combine(out: torch.Tensor, weights: torch.Tensor, batch: int, has_u
     return guidance_combine_op(out, weights, int(batch), bool(has_uncond), float(rescale), rate)
 
 
-def combine_weights(cfg_scale: float, scales, device) -> torch.Tensor:
-    """[w, s_1, ..., s_K] as the (1 + K,) fp32 device tensor guidance_combine takes. Builds a new
-    tensor (a host-to-device copy): cache it per step configuration when capturing graphs."""
-    return torch.tensor([float(cfg_scale)] + [float(s) for s in scales], dtype=torch.float32,
-                        device=device)
+def combine_weights(cfg_scale, scales, device) -> torch.Tensor:
+    """[w, s_1, ..., s_K] as the fp32 device tensor guidance_combine takes: (1 + K,), or
+    (1 + K, B) when any of them is a list with one value per sample (numbers are repeated).
+    Builds a new tensor (a host-to-device copy): cache it per step configuration when capturing
+    graphs."""
+    values = [cfg_scale, *scales]
+    batch = max((len(v) for v in values if isinstance(v, (list, tuple))), default=None)
+    if batch is None:
+        return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+    return torch.tensor([[float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)] * batch
+                         for v in values], dtype=torch.float32, device=device)

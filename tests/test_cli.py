@@ -107,7 +107,7 @@ def test_generate_grid_cells_and_labels(tmp_path, capsys):
     rc = main(["generate", "--preset", "tiny-sd15", "--guidance", "cfg=5", "--steps", "2", "--seed", "4",
                "--grid", "pag.scale=0,3", "seg.sigma=2,inf", "--out", str(out)])
     assert rc == 0
-    assert "4 cells in 4 step configuration(s)" in capsys.readouterr().out
+    assert "4 cells in 4 packed batch(es)" in capsys.readouterr().out
     cells = [tmp_path / f"grid-cell{k}.png" for k in range(4)]
     assert all(c.exists() for c in cells) and not (tmp_path / "grid-cell4.png").exists()
     labels = [generate.read_settings(str(c)).label for c in cells]
@@ -124,6 +124,37 @@ def test_generate_grid_cells_and_labels(tmp_path, capsys):
     again = tmp_path / "cell3.png"
     assert main(["generate", "--from-image", str(cells[3]), "--out", str(again)]) == 0
     assert np.array_equal(_pixels(again), _pixels(cells[3]))
+
+
+def test_grid_cells_sharing_a_step_configuration_run_as_one_packed_batch(tmp_path, capsys, monkeypatch):
+    calls = []
+    real = generate.generate
+    monkeypatch.setattr(generate, "generate", lambda pipe, s, g: (calls.append(s.batch), real(pipe, s, g))[1])
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--preset", "tiny-sd15", "--guidance", "cfg=5 pag=2@mid", "--steps", "2",
+                 "--seed", "3", "--grid", "cfg=3,6", "pag=1,4", "--out", str(out)]) == 0
+    assert "4 cells in 1 packed batch(es)" in capsys.readouterr().out
+    assert calls == [4]                                             # one pipeline call for the grid
+    cells = [tmp_path / f"grid-cell{k}.png" for k in range(4)]
+    settings = [generate.read_settings(str(c)) for c in cells]
+    assert [s.guidance for s in settings] == ["cfg=3 pag=1@mid", "cfg=3 pag=4@mid", "cfg=6 pag=1@mid",
+                                              "cfg=6 pag=4@mid"]
+    assert all(s.pack == [x.guidance for x in settings] and s.index == k for k, s in enumerate(settings))
+    pixels = [_pixels(c).astype(int) for c in cells]
+    assert all(not np.array_equal(pixels[0], p) for p in pixels[1:])   # every cell its own scales
+    # each cell is the picture its own guidance makes alone (same seed; batched numerics may
+    # move a pixel by a level or two)
+    alone = tmp_path / "alone.png"
+    monkeypatch.setattr(generate, "generate", real)
+    assert main(["generate", "--preset", "tiny-sd15", "--guidance", settings[2].guidance, "--steps", "2",
+                 "--seed", "3", "--out", str(alone)]) == 0
+    diff = np.abs(_pixels(alone).astype(int) - pixels[2])
+    assert diff.max() <= 3 and diff.mean() < 0.5
+    # a packed cell re-made from its PNG (the group again) is the same picture, bit for bit
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-image", str(cells[1]), "--out", str(again)]) == 0
+    assert np.array_equal(_pixels(again), _pixels(cells[1]))
+    assert generate.read_settings(str(again)).guidance == settings[1].guidance
 
 
 def test_grid_planning_groups_step_configurations():

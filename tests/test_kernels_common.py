@@ -81,3 +81,23 @@ def test_kernels_use_no_triton_stdlib_jit_helpers():
             for i, line in enumerate(p.read_text().splitlines())
             if pattern.search(line) and not line.lstrip().startswith("#")]
     assert not hits, "\n".join(hits)
+
+
+def test_top_level_kernels_import_does_not_redefine_the_ops():
+    """From the repository root, `kernels/` is also importable as a top-level `kernels` (and
+    transformers imports that name when probing for the HF `kernels` package). That must not run
+    the op definitions a second time: re-registering would free the operators that existing op
+    handles point to, and later op calls crashed at random."""
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = ("import sys, importlib, torch._library.custom_ops as c\n"
+            "import guidance_rt.kernels as k\n"
+            "before = dict(c.OPDEFS)\n"
+            "top = importlib.import_module('kernels')\n"
+            "assert top.gather_rows is k.gather_rows\n"
+            "assert all(c.OPDEFS[n] is before[n] for n in before if n.startswith('guidance_rt::')), 'ops redefined'\n"
+            "assert not [m for m in sys.modules if m.startswith('kernels.')], 'kernel modules imported twice'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -114,6 +114,38 @@ def test_one_packed_forward_per_step(pipes):
     assert len(calls) == 4
 
 
+@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_per_sample_guidances_in_one_pipeline_call(pipes, name):
+    """A list of Guidances gives each image of the batch its own scales, in one pipeline call,
+    and each image equals the image its Guidance makes alone (same seed)."""
+    pipe = pipes(name)
+    if name == "tiny-flux":
+        gs = [grt.Guidance(grt.CFG(s), grt.PAG(p, layers=2)) for s, p in [(3.0, 1.0), (5.0, 0.0), (2.0, 2.5)]]
+        extra = dict(negative_prompt="blur")
+    elif name == "tiny-sd3":
+        gs = [grt.Guidance(grt.CFG(s), grt.SLG(p, layers=[7, 8, 9], start=0.0)) for s, p in [(3.0, 1.0), (5.0, 0.0), (2.0, 2.5)]]
+        extra = {}
+    else:
+        gs = [grt.Guidance(grt.CFG(s), grt.PAG(p, layers="mid")) for s, p in [(3.0, 1.0), (5.0, 0.0), (2.0, 2.5)]]
+        extra = {}
+    before = _state(pipe)
+    with grt.guided(pipe, gs):
+        together = pipe("a red cat", output_type="latent", num_inference_steps=3, num_images_per_prompt=3,
+                        generator=[_gen(4) for _ in gs], **extra).images
+    alone = []
+    for g in gs:
+        with grt.guided(pipe, g):
+            alone.append(pipe("a red cat", output_type="latent", num_inference_steps=3, generator=_gen(4),
+                              **extra).images)
+    assert _state(pipe) == before
+    for k in range(3):
+        assert rel(together[k:k + 1], alone[k]) < PEER_TOL, f"image {k}"
+    assert rel(alone[0], alone[1]) > 1e-3
+    with grt.guided(pipe, gs), pytest.raises(ValueError, match="3 per-sample Guidances but the sample batch is 2"):
+        pipe("a red cat", output_type="latent", num_inference_steps=2, num_images_per_prompt=2, **extra)
+    assert _state(pipe) == before
+
+
 def test_generator_seeds_perturbations(pipes):
     pipe = pipes("tiny-sdxl")
     guidance = grt.Guidance(grt.CFG(5.0), grt.TPG(layers="d6-d23"))
