@@ -7,6 +7,16 @@ from guidance_rt import presets
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    """Interpreted Triton kernels raise on any load or store outside their tensor arguments."""
+    try:
+        import triton.runtime.interpreter  # noqa: F401
+    except ImportError:
+        return
+    from .interpreter_bounds import install
+    install()
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """Tiny preset models, built once per session (tests never modify them)."""

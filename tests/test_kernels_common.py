@@ -101,3 +101,22 @@ def test_top_level_kernels_import_does_not_redefine_the_ops():
             "assert not [m for m in sys.modules if m.startswith('kernels.')], 'kernel modules imported twice'\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_interpreter_rejects_out_of_bounds_accesses():
+    """The bounds checks conftest.py installs: a store one element past its tensor raises."""
+    if CUDA:
+        pytest.skip("the checks guard Triton's interpreter (CPU runs)")
+
+    tl = _common.tl
+
+    @_common.jit
+    def store_n(x, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x + offs, 1.0, mask=offs < n)
+
+    x = torch.zeros(6)
+    store_n[(1,)](x, 6, BLOCK=8)
+    assert torch.equal(x, torch.ones(6))
+    with pytest.raises(Exception, match="out-of-bounds store in kernel store_n"):
+        store_n[(1,)](x, 7, BLOCK=8)
