@@ -14,6 +14,7 @@ Variants (methods.md sections 2-3):
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable
@@ -201,6 +202,7 @@ def variant_attention(q, k, v, segments: tuple[Segment, ...], image: slice | Non
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+@functools.lru_cache(maxsize=None)   # segments are fixed per step configuration
 def _kernel_runs(segments: tuple[Segment, ...], mean_identical: bool):
     """Consecutive rows grouped into runs (lo, hi, segments re-based to lo), or (lo, hi, None)
     for rows plain attention serves: NORMAL and BLUR (its query is already blurred), and MEAN

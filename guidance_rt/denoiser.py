@@ -117,7 +117,7 @@ class GuidedDenoiser:
         self.family = model_family(model)
         self.model = model
         self.guidance = per_sample[0]           # the terms, layers and fields every sample shares
-        self.per_sample = per_sample if len(per_sample) > 1 or isinstance(guidance, (list, tuple)) else None
+        self.per_sample = per_sample if isinstance(guidance, (list, tuple)) else None
         guidance = self.guidance
         self.check_inputs = check_inputs
         if isinstance(guidance.cfg, SCFG) and self.family != "unet":

@@ -45,6 +45,18 @@ if HAS_TRITON:
 if HAS_TRITON:
 
     @jit
+    def _attention(q, K, V, s_kn, s_kd, s_vn, s_vd, NK, offs_m, offs_d, mask_d, scale,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   INTERP_BF16: tl.constexpr, F32_3X: tl.constexpr):
+        """softmax(q K^T) V of one (row, head) query block over all NK keys (fp32)."""
+        m = tl.full([BLOCK_M], _NEG, tl.float32)
+        l = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+        m, l, acc = _attend(m, l, acc, q, K, V, s_kn, s_kd, s_vn, s_vd, 0, NK, offs_m, offs_d,
+                            mask_d, 0, 0, scale, False, BLOCK_N, INTERP_BF16, F32_3X)
+        return acc / tl.where(l > 0, l, 1.0)[:, None]
+
+    @jit
     def _nag_attention_fwd(Q, KP, VP, KN, VN, O, ZN,
                            s_qr, s_qh, s_qn, s_qd, s_kpr, s_kph, s_kpn, s_kpd,
                            s_vpr, s_vph, s_vpn, s_vpd, s_knr, s_knh, s_knn, s_knd,
@@ -64,22 +76,13 @@ if HAS_TRITON:
                     mask=io_mask, other=0.0)
         out_offs = r * s_or + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od
 
-        m = tl.full([BLOCK_M], _NEG, tl.float32)
-        l = tl.full([BLOCK_M], 0.0, tl.float32)
-        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-        m, l, acc = _attend(m, l, acc, q, KP + r * s_kpr + h * s_kph, VP + r * s_vpr + h * s_vph,
-                            s_kpn, s_kpd, s_vpn, s_vpd, 0, NP, offs_m, offs_d, mask_d, 0, 0,
-                            scale, False, BLOCK_N, INTERP_BF16, F32_3X)
-        zp = acc / tl.where(l > 0, l, 1.0)[:, None]
+        zp = _attention(q, KP + r * s_kpr + h * s_kph, VP + r * s_vpr + h * s_vph, s_kpn, s_kpd,
+                        s_vpn, s_vpd, NP, offs_m, offs_d, mask_d, scale,
+                        BLOCK_M, BLOCK_N, BLOCK_D, INTERP_BF16, F32_3X)
         tl.store(O + out_offs, to_out(zp, O.dtype.element_ty, INTERP_BF16), mask=io_mask)
-
-        m = tl.full([BLOCK_M], _NEG, tl.float32)
-        l = tl.full([BLOCK_M], 0.0, tl.float32)
-        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-        m, l, acc = _attend(m, l, acc, q, KN + r * s_knr + h * s_knh, VN + r * s_vnr + h * s_vnh,
-                            s_knn, s_knd, s_vnn, s_vnd, 0, NN, offs_m, offs_d, mask_d, 0, 0,
-                            scale, False, BLOCK_N, INTERP_BF16, F32_3X)
-        zn = acc / tl.where(l > 0, l, 1.0)[:, None]
+        zn = _attention(q, KN + r * s_knr + h * s_knh, VN + r * s_vnr + h * s_vnh, s_knn, s_knd,
+                        s_vnn, s_vnd, NN, offs_m, offs_d, mask_d, scale,
+                        BLOCK_M, BLOCK_N, BLOCK_D, INTERP_BF16, F32_3X)
         tl.store(ZN + out_offs, to_out(zn, ZN.dtype.element_ty, INTERP_BF16), mask=io_mask)
 
     @jit
