@@ -1,9 +1,9 @@
 """guidance-rt: every branch of a guided diffusion step in one packed forward."""
 from . import reference
-from .denoiser import GuidedDenoiser
+from .denoiser import GuidedDenoiser, NonFiniteError
 from .terms import CFG, NAG, PAG, SCFG, SEG, SLG, TPG, Guidance
 
-__all__ = ["CFG", "NAG", "PAG", "SCFG", "SEG", "SLG", "TPG", "Guidance", "GuidedDenoiser", "reference", "guided"]
+__all__ = ["CFG", "NAG", "PAG", "SCFG", "SEG", "SLG", "TPG", "Guidance", "GuidedDenoiser", "NonFiniteError", "reference", "guided"]
 
 
 def __getattr__(name):

@@ -99,6 +99,69 @@ def _merge(u, c, name: str, unbatched: tuple[str, ...]):
     return c
 
 
+class NonFiniteError(FloatingPointError, ValueError):
+    """An input or the guided prediction holds NaN or Inf (a ValueError too, like other bad input)."""
+
+
+class _FiniteCheck:
+    """Finiteness of every floating input of a step and of its result, read with ONE device sync
+    after the step (the flags are computed on the device as the step is queued)."""
+
+    def __init__(self, given: dict, device: torch.device):
+        self.names, flags = [], []
+        for name, value in _floating(given):
+            self.names.append(name)
+            flags.append(torch.isfinite(value).all().to(device))
+        self.flags = flags
+
+    def verify(self, out: torch.Tensor, eps: torch.Tensor, plan: StepPlan, w, ordered, step: int):
+        ok = torch.stack([*self.flags, torch.isfinite(eps).all()])
+        if bool(ok.all()):
+            return
+        bad = [n for n, f in zip(self.names, ok.tolist()) if not f]
+        if bad:
+            raise NonFiniteError(f"{bad[0]} contains NaN or Inf values")
+        raise NonFiniteError(f"step {step}: {_non_finite_cause(out, plan, w, ordered)}")
+
+
+def _floating(value, name: str = ""):
+    """(name, tensor) for every floating-point tensor in a nest of dicts, lists and tensors."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            yield name, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _floating(v, f"{name}[{k!r}]" if name else k)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _floating(v, f"{name}[{i}]")
+
+
+def _non_finite_cause(out: torch.Tensor, plan: StepPlan, w, ordered) -> str:
+    """Which branch or term made the guided prediction non-finite (called only when it is)."""
+    rows = [("cond", plan.cond_rows)] + [(f"{type(t).__name__} (term {i}) branch", plan.branch_rows(k))
+                                         for k, (i, t, _) in enumerate(ordered)]
+    if plan.has_uncond:
+        rows.insert(0, ("uncond", slice(0, plan.batch)))
+    for name, r in rows:
+        if not torch.isfinite(out[r]).all():
+            return (f"the model's prediction for the {name} rows is not finite (NaN/Inf inside the "
+                    f"forward; check the weights, the dtype and the conditioning)")
+    acc = torch.promote_types(out.dtype, torch.float32)
+    c = out[plan.cond_rows].to(acc)
+    parts = []
+    if plan.has_uncond:
+        parts.append((f"CFG(scale={w})", "w (c - u)", w, out[: plan.batch].to(acc)))
+    parts += [(f"{type(t).__name__} (term {i}, scale {s})", "s (c - p)", s, out[plan.branch_rows(k)].to(acc))
+              for k, (i, t, s) in enumerate(ordered)]
+    for name, formula, scale, other in parts:
+        weight = torch.tensor(scale, dtype=acc).reshape(-1, *[1] * (c.dim() - 1))
+        if not torch.isfinite(weight * (c - other)).all():
+            return (f"{name} makes the guided prediction non-finite ({formula} overflows {out.dtype}); "
+                    "use a smaller scale")
+    return f"the sum of the guidance terms overflows {out.dtype}; use smaller scales"
+
+
 class GuidedDenoiser:
     """Wraps a diffusers UNet2DConditionModel, SD3Transformer2DModel or FluxTransformer2DModel.
 
@@ -128,10 +191,13 @@ class GuidedDenoiser:
         self.layers_of = {i: resolve_layers(model, t.layers, type(t).__name__,
                                             keep_order=isinstance(t, SLG) and t.weights is not None)
                           for i, t in enumerate(guidance.terms) if isinstance(t, PerturbationTerm)}
-        for i, t in enumerate(guidance.terms):
-            if isinstance(t, SLG) and t.weights is not None and len(t.weights) != len(self.layers_of[i]):
-                raise ValueError(f"SLG.weights has {len(t.weights)} entries but its layers resolve to "
-                                 f"{len(self.layers_of[i])} blocks ({', '.join(l.name for l in self.layers_of[i])})")
+        for i, layers in self.layers_of.items():
+            t = guidance.terms[i]
+            where = f"{type(t).__name__} (term {i})"
+            t.check_layers(layers, where)
+            if isinstance(t, SLG) and t.weights is not None and len(t.weights) != len(layers):
+                raise ValueError(f"{where}.weights has {len(t.weights)} entries but its layers resolve to "
+                                 f"{len(layers)} blocks ({', '.join(l.name for l in layers)})")
         self._plans: dict[tuple, StepPlan] = {}
         self.last_rate: torch.Tensor | None = None   # S-CFG's rate map of the last step
 
@@ -188,9 +254,14 @@ class GuidedDenoiser:
         if nag is not None and negative is None:
             raise ValueError("NAG is active but negative is None: pass the NAG negative prompt's "
                              "forward arguments as negative=...")
+        finite = None
         if self.check_inputs:
-            if not torch.isfinite(sample).all():
-                raise ValueError("sample contains NaN or Inf values")
+            given = {"sample": sample, "timestep": timestep, "cond": cond}
+            if has_uncond:
+                given["uncond"] = uncond
+            if nag is not None:
+                given["negative"] = negative
+            finite = _FiniteCheck(given, sample.device)
             _check_batch(cond, batch, unbatched, "cond")
             if has_uncond:
                 if uncond is None:
@@ -225,8 +296,12 @@ class GuidedDenoiser:
                     self.last_rate = scfg_rate(u, c, region.to(u.dtype), foreground.to(u.dtype), w,
                                                cfg.clamp, cfg.max_product)
                     return self.last_rate
-            return combine(out, plan, w, tuple(s for _, _, s in self._ordered(plan, active)),
-                           cfg.rescale if cfg is not None else 0.0, rate)
+            ordered = self._ordered(plan, active)
+            eps = combine(out, plan, w, tuple(s for _, _, s in ordered), cfg.rescale if cfg is not None else 0.0,
+                          rate)
+            if finite is not None:
+                finite.verify(out, eps, plan, w, ordered, step)
+            return eps
 
     @staticmethod
     def _ordered(plan: StepPlan, active):

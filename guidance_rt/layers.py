@@ -48,6 +48,7 @@ class Layer:
     path: str       # diffusers module path of the block
     part: str       # down | mid | up | joint | double | single
     position: int   # execution order of the block in one forward
+    heads: int      # attention heads of the block's (self-/joint) attention, the one PAG/SEG perturb
 
 
 def enumerate_layers(model: nn.Module) -> list[Layer]:
@@ -62,18 +63,18 @@ def enumerate_layers(model: nn.Module) -> list[Layer]:
             n = 0
             for prefix, block in blocks:
                 for j, t2d in enumerate(getattr(block, "attentions", None) or []):
-                    for k, _ in enumerate(getattr(t2d, "transformer_blocks", [])):
+                    for k, tb in enumerate(getattr(t2d, "transformer_blocks", [])):
                         out.append(Layer(f"{letter}{n}", f"{prefix}.attentions.{j}.transformer_blocks.{k}",
-                                         part, len(out)))
+                                         part, len(out), tb.attn1.heads))
                         n += 1
     elif family == "sd3":
-        for i, _ in enumerate(model.transformer_blocks):
-            out.append(Layer(str(i), f"transformer_blocks.{i}", "joint", len(out)))
+        for i, b in enumerate(model.transformer_blocks):
+            out.append(Layer(str(i), f"transformer_blocks.{i}", "joint", len(out), b.attn.heads))
     else:
-        for i, _ in enumerate(model.transformer_blocks):
-            out.append(Layer(str(i), f"transformer_blocks.{i}", "double", len(out)))
-        for i, _ in enumerate(model.single_transformer_blocks):
-            out.append(Layer(f"s{i}", f"single_transformer_blocks.{i}", "single", len(out)))
+        for i, b in enumerate(model.transformer_blocks):
+            out.append(Layer(str(i), f"transformer_blocks.{i}", "double", len(out), b.attn.heads))
+        for i, b in enumerate(model.single_transformer_blocks):
+            out.append(Layer(f"s{i}", f"single_transformer_blocks.{i}", "single", len(out), b.attn.heads))
     return out
 
 

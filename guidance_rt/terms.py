@@ -125,6 +125,10 @@ class PerturbationTerm(Term):
     def step_scale(self, step: int, num_steps: int, timestep: float | None = None) -> float:
         return self.scale if self.in_window(step, num_steps) else 0.0
 
+    def check_layers(self, layers: Sequence, where: str) -> None:
+        """Raise if a field cannot apply to the resolved blocks (`layers.Layer`s); a value that
+        the forward would silently ignore is an error here. `where` names the term."""
+
 
 @dataclass(frozen=True)
 class PAG(PerturbationTerm):
@@ -149,6 +153,14 @@ class PAG(PerturbationTerm):
             if not heads or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in heads):
                 raise ValueError(f"PAG.heads must be non-negative head indices, got {self.heads!r}")
             object.__setattr__(self, "heads", tuple(sorted(set(heads))))
+
+    def check_layers(self, layers, where):
+        if self.heads is None:
+            return
+        fewest = min(layers, key=lambda layer: layer.heads)
+        if self.heads[-1] >= fewest.heads:
+            raise ValueError(f"{where}.heads: head {self.heads[-1]} does not exist in layer {fewest.name} "
+                             f"({fewest.path}), which has {fewest.heads} heads; valid: 0-{fewest.heads - 1}")
 
     def step_scale(self, step, num_steps, timestep=None):
         s = super().step_scale(step, num_steps)
