@@ -194,7 +194,7 @@ def variant_attention(q, k, v, segments: tuple[Segment, ...], image: slice | Non
             if s.heads is None:
                 o = mixed
             else:
-                heads = torch.tensor([h for h in s.heads if h < o.shape[1]], device=o.device, dtype=torch.long)
+                heads = torch.tensor(s.heads, device=o.device, dtype=torch.long)   # checked at build
                 o = o.index_copy(1, heads, mixed.index_select(1, heads))
             outs.append(o)
         else:  # NORMAL, BLUR, MEAN
@@ -237,7 +237,7 @@ def _row_tables(kern, segments, rows: int, heads: int, device, mean_identical: b
             beta[s.rows] = s.beta
             if s.heads is not None:
                 mask[s.rows] = False
-                mask[s.rows, [h for h in s.heads if h < heads]] = True
+                mask[s.rows, list(s.heads)] = True
         _TABLES[key] = (mode.to(device), beta.to(device), mask.to(device))
     return _TABLES[key]
 
