@@ -7,6 +7,7 @@ import guidance_rt as grt
 from guidance_rt import presets
 
 from .conftest import rel
+from .tolerance import assert_close
 
 kernels = pytest.importorskip("guidance_rt.kernels")
 if not kernels.HAS_TRITON:
@@ -79,7 +80,7 @@ def test_normal_rows_run_sdpa_and_only_variant_rows_the_kernel(monkeypatch):
         out = attention.variant_attention(q, k, v, segments, mean_identical=True)
     expect = attention.variant_attention(q, k, v, segments, mean_identical=True)   # PyTorch path
     assert calls == [4, 2]
-    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
+    assert_close(out, expect)
 
 
 def test_cpu_default_is_pytorch(tiny_model, monkeypatch):

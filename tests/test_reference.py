@@ -16,6 +16,8 @@ import guidance_rt as grt
 from guidance_rt import reference as ref
 from guidance_rt.terms import PerturbationTerm
 
+from .tolerance import MODEL_ULPS, assert_close
+
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel  # noqa: E402
 
@@ -219,7 +221,7 @@ def test_cfg_equals_two_plain_forwards(family):
     u = forward(model, sample, t, uncond).double()
     out = run(family, grt.Guidance(grt.CFG(scale=5.0)))
     assert out.dtype == sample.dtype and out.shape == c.shape
-    torch.testing.assert_close(out.double(), u + 5.0 * (c - u), rtol=1e-6, atol=1e-6)
+    assert_close(out, u + 5.0 * (c - u), effect=4.0 * (c - u))
 
 
 def test_cfg_rescale_matches_diffusers():
@@ -231,8 +233,8 @@ def test_cfg_rescale_matches_diffusers():
     u = forward(model, sample, t, uncond).double()
     expected = rescale_noise_cfg(u + 4.0 * (c - u), c, guidance_rescale=0.7)
     out = run("sd3", grt.Guidance(grt.CFG(scale=4.0, rescale=0.7)))
-    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
     plain = run("sd3", grt.Guidance(grt.CFG(scale=4.0)))
+    assert_close(out, expected, effect=expected - plain.double())
     assert (out - plain).abs().max() > 1e-2
 
 
@@ -310,14 +312,13 @@ def test_combine_with_several_terms(family):
         assert b.term is term and b.scale == term.scale
         expected = expected + term.scale * (c - b.prediction.double())
     out = run(family, guidance, gen_seed=3)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    assert_close(out, expected, effect=expected - c)
     # CFG off: c + sum s_k (c - p_k)
     guidance = grt.Guidance(*terms)
     bs = branches(family, guidance, gen_seed=3, uncond=None)
     c = bs[0].prediction.double()
     expected = c + sum(t.scale * (c - b.prediction.double()) for b, t in zip(bs[1:], terms))
-    torch.testing.assert_close(run(family, guidance, gen_seed=3, uncond=None).double(), expected,
-                               rtol=1e-6, atol=1e-6)
+    assert_close(run(family, guidance, gen_seed=3, uncond=None), expected, effect=expected - c)
 
 
 # ------------------------------------------------------------------------------------- PAG
@@ -347,7 +348,7 @@ def test_pag_unet_attn1_is_to_out_of_to_v():
     x, out = seen["chosen"]
     with torch.no_grad():
         expected = chosen.to_out[1](chosen.to_out[0](chosen.to_v(x)))
-        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        assert_close(out, expected)
         x, out = seen["other"]          # the other block keeps the stock attention
         torch.testing.assert_close(out, other(x), rtol=0, atol=0)
         assert (out - other.to_out[0](other.to_v(x))).abs().max() > 1e-2
@@ -371,8 +372,8 @@ def test_pag_sd3_matches_diffusers_pag_joint_processor():
     finally:
         for a, proc in zip(attns, originals):
             a.processor = proc
-    torch.testing.assert_close(out[:B], c, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out[B:], p, rtol=1e-5, atol=1e-5)
+    assert_close(out[:B], c, ulps=MODEL_ULPS, effect=p - c, what="cond")
+    assert_close(out[B:], p, ulps=MODEL_ULPS, effect=p - c, what="PAG branch")
 
 
 def _attention_call(family, model, block_path, x_img, x_txt):
@@ -417,13 +418,14 @@ def test_pag_mmdit_map_masks_image_to_image(family, path, name):
         with ref.perturbed(model, grt.PAG(layers=name, beta=0.0), sample=sample, kwargs=cond):
             soft0 = _attention_call(family, model, path, x_img, x_txt)
     # text rows unchanged by PAG; beta = 0 is the stock attention
-    torch.testing.assert_close(pag[1], stock[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(soft0[0], stock[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(soft0[1], stock[1], rtol=1e-5, atol=1e-5)
-    assert (pag[0] - stock[0]).abs().max() > 1e-2
+    effect = pag[0] - stock[0]
+    assert effect.abs().max() > 1e-2
+    assert_close(pag[1], stock[1], effect=effect, what="text rows")
+    assert_close(soft0[0], stock[0], effect=effect, what="beta 0 image rows")
+    assert_close(soft0[1], stock[1], effect=effect, what="beta 0 text rows")
     # locality of the image rows
     others = [i for i in range(n_img) if i != 7]
-    torch.testing.assert_close(pag2[0][:, others], pag[0][:, others], rtol=1e-5, atol=1e-5)
+    assert_close(pag2[0][:, others], pag[0][:, others], effect=pag2[0][:, 7] - pag[0][:, 7], what="locality")
     assert (pag2[0][:, 7] - pag[0][:, 7]).abs().max() > 1e-3
     assert (stock2[0][:, others] - stock[0][:, others]).abs().max() > 1e-3   # stock is not local
 
@@ -443,7 +445,7 @@ def test_softpag_is_affine_in_beta_and_beta0_is_cond(family):
     # all heads selected explicitly == heads=None
     a = branches(family, grt.Guidance(grt.PAG(layers=layers, heads=(0, 1, 2, 3))), uncond=None)
     b = branches(family, grt.Guidance(grt.PAG(layers=layers)), uncond=None)
-    torch.testing.assert_close(a[1].prediction, b[1].prediction, rtol=1e-6, atol=1e-6)
+    assert_close(a[1].prediction, b[1].prediction, ulps=MODEL_ULPS, effect=b[1].prediction - b[0].prediction)
 
 
 def test_softpag_attention_output_mixes_per_head():
@@ -462,7 +464,7 @@ def test_softpag_attention_output_mixes_per_head():
         stock = attn(x)
     full = attn1_out(grt.PAG(layers="m0"))
     half = attn1_out(grt.PAG(layers="m0", beta=0.25))
-    torch.testing.assert_close(half, 0.75 * stock + 0.25 * full, rtol=1e-5, atol=1e-5)
+    assert_close(half, 0.75 * stock + 0.25 * full, effect=full - stock)
     # head subset: undo to_out[0] (square, invertible here) and compare channel blocks
     w, bias = attn.to_out[0].weight.double(), attn.to_out[0].bias.double()
     inner = lambda y: torch.linalg.solve(w, (y.double() - bias).transpose(1, 2)).transpose(1, 2)  # noqa: E731
@@ -482,7 +484,7 @@ def test_pag_adaptive_scale():
     torch.testing.assert_close(off, run(fam, grt.Guidance(grt.CFG())), rtol=0, atol=0)
     ada = run(fam, grt.Guidance(grt.CFG(), grt.PAG(scale=3.0, layers="m0", adaptive_scale=0.001)))
     fixed = run(fam, grt.Guidance(grt.CFG(), grt.PAG(scale=2.5, layers="m0")))
-    torch.testing.assert_close(ada, fixed, rtol=1e-6, atol=1e-6)
+    assert_close(ada, fixed, effect=fixed - off)
 
 
 def test_default_layers_are_the_family_defaults():
@@ -586,7 +588,7 @@ def test_seg_blurs_the_query_on_the_real_grid(family, layer, sigma):
             expected = img[n].mean(0, keepdim=True).expand_as(img[n])
         else:
             expected = brute_force_blur(img[n].reshape(4, 6, -1), sigma).reshape(n_img, -1)
-        torch.testing.assert_close(q[n, text:].double(), expected, rtol=1e-5, atol=1e-5)
+        assert_close(q[n, text:], expected, effect=expected - img[n])
 
 
 @pytest.mark.parametrize("family", ["unet", "sd3"])
@@ -659,7 +661,7 @@ def test_tpg_follows_the_draw_protocol(family, layers):
     seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(21)))
     expected = _manual_tpg(model, family, sample, t, cond, seed, layers)
     bs = branches(family, grt.Guidance(grt.TPG(layers=layers)), gen_seed=21, uncond=None)
-    torch.testing.assert_close(bs[1].prediction, expected, rtol=1e-6, atol=1e-6)
+    assert_close(bs[1].prediction, expected, ulps=MODEL_ULPS, effect=expected - bs[0].prediction)
 
 
 def test_tpg_seeds_drawn_in_guidance_order():
@@ -686,7 +688,7 @@ def test_slg_block_equals_diffusers_skip_layers(family):
     sample, t, cond, _ = make_inputs(family)
     bs = branches(family, grt.Guidance(grt.SLG(layers=[1, 3], start=0.0)), uncond=None)
     expected = forward(model, sample, t, {**cond, "skip_layers": [1, 3]})
-    torch.testing.assert_close(bs[1].prediction, expected, rtol=1e-6, atol=1e-6)
+    assert_close(bs[1].prediction, expected, ulps=MODEL_ULPS, effect=expected - bs[0].prediction)
 
 
 def test_slg_block_unet_and_flux_bypass():
@@ -740,7 +742,7 @@ def test_slg_attn_plus_ff_equals_block_skip(family, layer):
         if bias is not None:
             with torch.no_grad():
                 bias.copy_(saved)
-    torch.testing.assert_close(both, skipped, rtol=1e-5, atol=1e-5)
+    assert_close(both, skipped, ulps=MODEL_ULPS, effect=skipped - plain)
     assert (both - plain).abs().max() > 1e-2
 
 

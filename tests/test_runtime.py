@@ -8,6 +8,7 @@ from guidance_rt import presets
 from guidance_rt.layers import LayerNotFoundError, UnsupportedModelError, enumerate_layers, resolve_layers
 
 from .conftest import model_state, rel
+from .tolerance import MODEL_ULPS, assert_close
 
 FAMILIES = ["tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-sd35", "tiny-flux"]
 
@@ -21,7 +22,7 @@ def test_cond_only_reproduces_model_forward(tiny_model, name, batch):
         expected = model(inp["sample"], timestep=inp["timestep"], **inp["cond"], return_dict=False)[0]
     got = grt.GuidedDenoiser(model, grt.Guidance())(inp["sample"], inp["timestep"], cond=inp["cond"],
                                                      step=0, num_steps=1)
-    assert rel(got, expected) < 1e-6
+    assert_close(got, expected, ulps=MODEL_ULPS)
 
 
 def _count_ff_rows(model):
