@@ -15,7 +15,7 @@ installed='import importlib.metadata as m, importlib.util as u; m.version("guida
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "$installed" 2>/dev/null; then
     exit 0
 fi
-if ! "$py" -c "import torch" 2>/dev/null; then
+if ! "$py" -c "import importlib.util as u; assert u.find_spec(\"torch\")" 2>/dev/null; then
     "$py" -m pip install -q torch==2.13.0
 fi
 # without build isolation the build tools come from the venv itself
