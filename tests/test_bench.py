@@ -7,7 +7,7 @@ from guidance_rt import bench, presets, spec
 
 from .conftest import model_state
 
-FAST = dict(repeats=2, warmup=1, steps=30)
+FAST = dict(repeats=2, warmup=0, steps=30)
 
 
 def _by(rows, config, impl):
