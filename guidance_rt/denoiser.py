@@ -194,7 +194,7 @@ class GuidedDenoiser:
         for i, layers in self.layers_of.items():
             t = guidance.terms[i]
             where = f"{type(t).__name__} (term {i})"
-            t.check_layers(layers, where)
+            t.check_model(layers, self.family, where)
             if isinstance(t, SLG) and t.weights is not None and len(t.weights) != len(layers):
                 raise ValueError(f"{where}.weights has {len(t.weights)} entries but its layers resolve to "
                                  f"{len(layers)} blocks ({', '.join(l.name for l in layers)})")

@@ -125,9 +125,10 @@ class PerturbationTerm(Term):
     def step_scale(self, step: int, num_steps: int, timestep: float | None = None) -> float:
         return self.scale if self.in_window(step, num_steps) else 0.0
 
-    def check_layers(self, layers: Sequence, where: str) -> None:
-        """Raise if a field cannot apply to the resolved blocks (`layers.Layer`s); a value that
-        the forward would silently ignore is an error here. `where` names the term."""
+    def check_model(self, layers: Sequence, family: str, where: str) -> None:
+        """Raise if a field cannot apply to this model family and the resolved blocks
+        (`layers.Layer`s): a value the forward would silently ignore or misread is an error
+        here, when the denoiser is built. `where` names the term."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,10 @@ class PAG(PerturbationTerm):
                 raise ValueError(f"PAG.heads must be non-negative head indices, got {self.heads!r}")
             object.__setattr__(self, "heads", tuple(sorted(set(heads))))
 
-    def check_layers(self, layers, where):
+    def check_model(self, layers, family, where):
+        if self.adaptive_scale and family == "flux":
+            raise ValueError(f"{where}.adaptive_scale must be 0 on FLUX: its timestep is sigma in 0..1, so "
+                             f"max(0, scale - a (1000 - t)) would only shift the scale; valid: 0")
         if self.heads is None:
             return
         fewest = min(layers, key=lambda layer: layer.heads)
@@ -184,8 +188,10 @@ class SEG(PerturbationTerm):
     def __post_init__(self):
         super().__post_init__()
         sigma = _check_number("SEG", "sigma", self.sigma, finite=False)
-        if not sigma > 0:
-            raise ValueError(f"SEG.sigma must be > 0 (inf or > 9999 = infinite blur), got {sigma}")
+        if not sigma > 1 / 6:
+            # ceil(6 sigma) <= 1 makes a 1-tap kernel: no blur, so SEG would change nothing
+            raise ValueError(f"SEG.sigma must be > 1/6 (smaller gives a 1-tap kernel, no blur); inf or "
+                             f"> 9999 = infinite blur; got {sigma}")
         object.__setattr__(self, "sigma", sigma)
 
     @property

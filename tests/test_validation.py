@@ -89,3 +89,18 @@ def test_a_non_finite_model_output_names_the_branch(tiny_model):
     den = grt.GuidedDenoiser(model, grt.Guidance(grt.PAG(scale=2.0, layers="mid")))
     with pytest.raises(grt.NonFiniteError, match=r"step 0: the model's prediction for the cond rows is not finite"):
         den(inp["sample"], inp["timestep"], cond=inp["cond"], step=0, num_steps=1)
+
+
+def test_seg_sigma_that_blurs_nothing_is_an_error():
+    """sigma <= 1/6 gives ceil(6 sigma) <= 1, a 1-tap kernel: the query is unchanged."""
+    for sigma in (1e-300, 0.1, 1 / 6):
+        with pytest.raises(ValueError, match=r"SEG.sigma must be > 1/6 \(smaller gives a 1-tap kernel"):
+            grt.SEG(sigma=sigma)
+    grt.SEG(sigma=0.17)   # ceil(1.02) = 2: a 3-tap kernel
+
+
+def test_adaptive_pag_on_flux_is_an_error(tiny_model):
+    model = tiny_model("tiny-flux")
+    with pytest.raises(ValueError, match=r"PAG \(term 0\)\.adaptive_scale must be 0 on FLUX"):
+        grt.GuidedDenoiser(model, grt.Guidance(grt.PAG(adaptive_scale=0.001)))
+    grt.GuidedDenoiser(tiny_model("tiny-sd3"), grt.Guidance(grt.PAG(adaptive_scale=0.001)))   # timestep 0..1000
