@@ -5,7 +5,28 @@ Inside the context the pipeline's own __call__ runs unchanged, except that
   shadows the class method; the model's weights, processors and config are untouched),
 - the pipeline object gets a subclass whose __call__ first checks the guidance arguments, sets the
   ones the Guidance implies, and numbers the denoiser calls as steps.
-On exit, also after an exception, the pipeline's class and the model's `forward` are restored.
+
+The guidance is bound to the caller, not to the shared objects. Each guided() context adds
+(pipe, Guidance) to a contextvars.ContextVar, so only the thread (or asyncio task) that entered it
+sees it; a pipeline call uses the innermost context for that pipeline and keeps its per-call state
+(step counter, generator, negatives) in a second ContextVar, where the patched forward finds it.
+The patches are shared and reference-counted under a lock: the first open context on a pipeline
+swaps its class, the first on a model sets its `forward`, and the last to exit restores exactly the
+original class and the original `forward` entry of the model's __dict__ (present or absent), in
+any exit order across threads and also after an exception. Hence:
+- nested contexts on one pipeline: the inner Guidance applies inside the inner block, the outer one
+  again after it;
+- contexts open at the same time in several threads: each thread's calls use its own Guidance;
+- a call from a thread with no guided() context for that pipeline is the stock pipeline with the
+  model's stock forward, even while another thread has a context open (a thread started inside a
+  guided() block starts with an empty context, so it runs stock unless it enters guided() itself);
+- a model shared by several pipelines (`Pipeline(**pipe.components)`): its forward serves the
+  guided call running in the calling thread, whichever pipeline that call belongs to.
+A diffusers pipeline keeps per-call state on the object and on its scheduler (timesteps, step
+index, guidance scale), so it cannot run two calls at once. While guided() is open on a pipeline, a
+call that would overlap a running call of the same pipeline, or of a pipeline sharing its
+scheduler, raises RuntimeError instead of corrupting both: use one pipeline, with its own
+scheduler, per thread.
 
 The denoiser call returns the guided prediction for every row the pipeline batched, so the
 pipeline's own CFG arithmetic ``u + g (c - u)`` with u == c == eps leaves it exactly unchanged.
@@ -13,7 +34,12 @@ pipeline's own CFG arithmetic ``u + g (c - u)`` with u == c == eps leaves it exa
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import inspect
+import threading
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -36,28 +62,128 @@ FOREIGN_GUIDANCE = {
 }
 
 
-def _pipeline_kind(pipe) -> str:
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in SUPPORTED_PIPELINES:
-            return cls.__name__
-    raise TypeError(f"pipeline {type(pipe).__name__} is not supported by guided(); supported: "
+def _pipeline_kind(cls: type) -> str:
+    for base in cls.__mro__:
+        if base.__name__ in SUPPORTED_PIPELINES:
+            return base.__name__
+    raise TypeError(f"pipeline {cls.__name__} is not supported by guided(); supported: "
                     f"{', '.join(SUPPORTED_PIPELINES)}")
 
 
-class _Session:
+@dataclass(eq=False)
+class _Binding:
+    """One open guided() context: the pipeline, its Guidance and what its calls need."""
+
+    pipe: object
+    model: torch.nn.Module
+    den: GuidedDenoiser
+    kind: str
+    guidances: tuple[Guidance, ...]
+    nag_text: str | None
+    original_class: type | None = None   # the pipeline's class before any guided() patch
+
+
+class _Call:
     """State of one guided pipeline call: the step counter, generator and captured negatives."""
 
-    def __init__(self, den: GuidedDenoiser, kind: str):
-        self.den, self.kind = den, kind
-        self.reset(None)
-
-    def reset(self, generator):
+    def __init__(self, binding: _Binding, pipe, generator):
+        self.binding, self.pipe = binding, pipe
         self.calls = 0
         self.generator = generator[0] if isinstance(generator, (list, tuple)) else generator
         self.encoded: list = []          # FLUX: encode_prompt results (positive, then negative)
         self.pending = None              # FLUX true CFG: eps returned again for the uncond call
-        self.pipe = None
         self.negative = None             # NAG negative conditioning, encoded once per call
+
+
+@dataclass(eq=False)
+class _Patch:
+    """A patch shared by every open guided() on one object; the last to exit undoes it."""
+
+    undo: Callable[[], None]
+    value: object
+    count: int = 0
+
+
+# the guided() contexts open in this thread / task, innermost last
+_BOUND: contextvars.ContextVar[tuple[_Binding, ...]] = contextvars.ContextVar("grt_guided", default=())
+# the pipeline call running in this thread / task through a guided class (None: a stock call)
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("grt_guided_call", default=None)
+_LOCK = threading.Lock()                  # guards the three registries below
+_PIPES: dict[int, _Patch] = {}            # id(pipe) -> its class swap (value: the original class)
+_MODELS: dict[int, _Patch] = {}           # id(model) -> its forward patch
+_RUNNING: dict[int, tuple[int, str, bool]] = {}   # id(pipe or scheduler) -> (thread, pipeline, guided)
+
+
+def _acquire(registry: dict[int, _Patch], obj, install) -> object:
+    """Count one more user of obj's patch; the first runs install() -> (undo, value)."""
+    patch = registry.get(id(obj))
+    if patch is None:
+        patch = registry[id(obj)] = _Patch(*install(obj))
+    patch.count += 1
+    return patch.value
+
+
+def _release(registry: dict[int, _Patch], obj):
+    patch = registry[id(obj)]
+    patch.count -= 1
+    if patch.count == 0:
+        del registry[id(obj)]
+        patch.undo()
+
+
+def _swap_class(pipe):
+    original = type(pipe)
+    pipe.__class__ = _guided_class(original)
+    return (lambda: setattr(pipe, "__class__", original)), original
+
+
+def _patch_forward(model):
+    had_forward, original_forward = "forward" in model.__dict__, model.__dict__.get("forward")
+    model.__dict__["forward"] = _patched_forward(model, model.forward)
+
+    def undo():
+        if had_forward:
+            model.__dict__["forward"] = original_forward
+        else:
+            model.__dict__.pop("forward", None)
+
+    return undo, None
+
+
+def _binding_for(pipe) -> _Binding | None:
+    """The innermost guided() context on `pipe` open in this thread / task."""
+    return next((b for b in reversed(_BOUND.get()) if b.pipe is pipe), None)
+
+
+@contextlib.contextmanager
+def _exclusive(pipe, name: str, guided: bool):
+    """Refuse a call that would overlap a running call of the pipeline or of its scheduler: the
+    pipeline object and its scheduler hold the call's state (timesteps, step index, scales)."""
+    label = f"{name} at {id(pipe):#x}"
+    me = threading.get_ident()
+    keys = (id(pipe), id(pipe.scheduler))
+    with _LOCK:
+        for key in keys:
+            if key in _RUNNING:
+                thread, other, other_guided = _RUNNING[key]
+                where = "in another thread" if thread != me else "in this thread (this call is made inside it)"
+                running = f"a {'guided ' if other_guided else ''}call {where}"
+                if key == id(pipe):
+                    raise RuntimeError(f"pipeline {label} is already running {running}; diffusers pipelines "
+                                       "keep per-call state (scheduler, timesteps) on the object: use one "
+                                       "pipeline per thread")
+                raise RuntimeError(f"pipeline {label} shares its scheduler with pipeline {other}, which is "
+                                   f"running {running}; the scheduler keeps per-call state (timesteps, step "
+                                   "index): give each pipeline its own, e.g. "
+                                   "scheduler=type(s).from_config(s.config)")
+        for key in keys:
+            _RUNNING[key] = (me, label, guided)
+    try:
+        yield
+    finally:
+        with _LOCK:
+            for key in keys:
+                del _RUNNING[key]
 
 
 def _split(value, batch: int, half: int):
@@ -99,67 +225,78 @@ def _check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...],
         raise ValueError("FluxPipeline with a CFG term needs negative_prompt (true CFG)")
 
 
-def _denoiser_forward(session: _Session, original_forward):
-    den = session.den
+def _patched_forward(model, stock):
+    """The model's forward while guided() is open on it: the guided prediction for a guided call
+    of a pipeline on this model running in this thread / task, else the stock forward."""
+    # the pipeline passes the class forward's arguments; an instance `forward` may be a bare wrapper
+    signature = inspect.signature(type(model).forward.__get__(model))
 
     def forward(*args, **kwargs):
-        pipe_steps = session.pipe._num_timesteps
-        sig = inspect.signature(original_forward)
-        bound = sig.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        extra = arguments.pop("kwargs", {}) or {}
-        arguments.update(extra)
-        return_dict = arguments.pop("return_dict", True)
-        sample_key = "sample" if "sample" in arguments else "hidden_states"
-        sample = arguments.pop(sample_key)
-        timestep = arguments.pop("timestep")
-        arguments = {k: v for k, v in arguments.items() if v is not None}
-
-        if session.kind == "FluxPipeline" and session.pending is not None:
-            out, session.pending = session.pending, None     # the true-CFG uncond call of this step
-            return _wrap(out, return_dict, den)
-        step = session.calls
-        session.calls += 1
-        if session.kind == "FluxPipeline":
-            cond, uncond = arguments, None
-            if den.guidance.cfg is not None and len(session.encoded) >= 2:
-                neg_embeds, neg_pooled, neg_ids = session.encoded[1]
-                uncond = dict(arguments, encoder_hidden_states=neg_embeds, pooled_projections=neg_pooled,
-                              txt_ids=neg_ids)
-            batch = sample.shape[0]
-            t = timestep
-        else:
-            batch = sample.shape[0]
-            packed = session.pipe.do_classifier_free_guidance
-            if den.guidance.cfg is not None and not packed:
-                raise ValueError(f"{type(session.pipe).__name__} runs without classifier-free guidance "
-                                 "(e.g. a time_cond_proj_dim model) but the Guidance has a CFG term")
-            if packed:
-                batch //= 2
-            cond = _split(arguments, batch, 1) if packed else arguments
-            uncond = _split(arguments, batch, 0) if packed else None
-            t = _split(timestep, batch, 1) if isinstance(timestep, torch.Tensor) else timestep
-            sample = sample[batch:] if packed else sample
-        if step >= pipe_steps:
-            raise RuntimeError(f"guided(): denoiser called {step + 1} times in a {pipe_steps}-step run; "
-                               "only pipelines that call the denoiser once per step are supported")
-        negative = None
-        if session.nag_text is not None:
-            if session.negative is None:
-                session.negative = _encode_nag_negative(session.pipe, session.original_class, session.kind,
-                                                        session.nag_text)
-            negative = _rows(session.negative, sample.shape[0])
-        eps = den(sample, t, cond=cond, uncond=uncond, negative=negative, step=step, num_steps=pipe_steps,
-                  generator=session.generator)
-        if session.kind == "FluxPipeline":
-            if uncond is not None:
-                session.pending = eps
-            return _wrap(eps, return_dict, den)
-        if packed:
-            eps = torch.cat([eps, eps])
-        return _wrap(eps, return_dict, den)
+        call = _CALL.get()
+        if call is None or call.binding.model is not model:
+            return stock(*args, **kwargs)
+        return _guided_forward(call, signature, args, kwargs)
 
     return forward
+
+
+def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
+    binding = call.binding
+    den = binding.den
+    pipe_steps = call.pipe._num_timesteps
+    bound = signature.bind(*args, **kwargs)
+    arguments = dict(bound.arguments)
+    extra = arguments.pop("kwargs", {}) or {}
+    arguments.update(extra)
+    return_dict = arguments.pop("return_dict", True)
+    sample_key = "sample" if "sample" in arguments else "hidden_states"
+    sample = arguments.pop(sample_key)
+    timestep = arguments.pop("timestep")
+    arguments = {k: v for k, v in arguments.items() if v is not None}
+
+    if binding.kind == "FluxPipeline" and call.pending is not None:
+        out, call.pending = call.pending, None     # the true-CFG uncond call of this step
+        return _wrap(out, return_dict, den)
+    step = call.calls
+    call.calls += 1
+    if binding.kind == "FluxPipeline":
+        cond, uncond = arguments, None
+        if den.guidance.cfg is not None and len(call.encoded) >= 2:
+            neg_embeds, neg_pooled, neg_ids = call.encoded[1]
+            uncond = dict(arguments, encoder_hidden_states=neg_embeds, pooled_projections=neg_pooled,
+                          txt_ids=neg_ids)
+        batch = sample.shape[0]
+        t = timestep
+    else:
+        batch = sample.shape[0]
+        packed = call.pipe.do_classifier_free_guidance
+        if den.guidance.cfg is not None and not packed:
+            raise ValueError(f"{type(call.pipe).__name__} runs without classifier-free guidance "
+                             "(e.g. a time_cond_proj_dim model) but the Guidance has a CFG term")
+        if packed:
+            batch //= 2
+        cond = _split(arguments, batch, 1) if packed else arguments
+        uncond = _split(arguments, batch, 0) if packed else None
+        t = _split(timestep, batch, 1) if isinstance(timestep, torch.Tensor) else timestep
+        sample = sample[batch:] if packed else sample
+    if step >= pipe_steps:
+        raise RuntimeError(f"guided(): denoiser called {step + 1} times in a {pipe_steps}-step run; "
+                           "only pipelines that call the denoiser once per step are supported")
+    negative = None
+    if binding.nag_text is not None:
+        if call.negative is None:
+            call.negative = _encode_nag_negative(call.pipe, binding.original_class, binding.kind,
+                                                 binding.nag_text)
+        negative = _rows(call.negative, sample.shape[0])
+    eps = den(sample, t, cond=cond, uncond=uncond, negative=negative, step=step, num_steps=pipe_steps,
+              generator=call.generator)
+    if binding.kind == "FluxPipeline":
+        if uncond is not None:
+            call.pending = eps
+        return _wrap(eps, return_dict, den)
+    if packed:
+        eps = torch.cat([eps, eps])
+    return _wrap(eps, return_dict, den)
 
 
 def _encode_nag_negative(pipe, original_class, kind: str, text: str) -> dict:
@@ -194,56 +331,70 @@ def _wrap(out, return_dict, den):
     return Transformer2DModelOutput(sample=out)
 
 
-@contextlib.contextmanager
-def guided(pipe, guidance: Guidance | list[Guidance], *, nag_negative_prompt: str | None = None):
-    """Run a stock diffusers pipeline's own __call__ with one packed forward per step.
-    With a NAG term, `nag_negative_prompt` is encoded by the pipeline's own text encoders.
-    A list of Guidances gives every image of the pipeline's batch its own (see GuidedDenoiser:
-    they may differ only in scales and step windows), all in one packed forward per step."""
-    guidances = check_per_sample(guidance)
-    kind = _pipeline_kind(pipe)
-    if guidances[0].nag is not None and nag_negative_prompt is None:
-        raise ValueError("the Guidance has a NAG term: pass guided(pipe, guidance, nag_negative_prompt=...) "
-                         "(NAG guides away from that prompt)")
-    model = getattr(pipe, SUPPORTED_PIPELINES[kind])
-    den = GuidedDenoiser(model, guidance)
-    session = _Session(den, kind)
-    session.nag_text = nag_negative_prompt if guidances[0].nag is not None else None
-    original_class = type(pipe)
-    session.original_class = original_class
-    had_forward = "forward" in model.__dict__
-    original_forward = model.__dict__.get("forward")
-    stock_forward = model.forward
+@functools.cache
+def _guided_class(original_class: type) -> type:
+    """The subclass a pipeline wears while any guided() is open on it. Its calls take their
+    Guidance from the calling thread's / task's innermost guided() on that pipeline; without one
+    they run the stock __call__."""
+    kind = _pipeline_kind(original_class)
 
     def __call__(self, *args, **kwargs):
-        params = inspect.signature(original_class.__call__).parameters
-        bound = inspect.signature(original_class.__call__).bind(self, *args, **kwargs)
-        kwargs = {k: v for k, v in bound.arguments.items() if k != "self"}
-        kwargs.update(kwargs.pop("kwargs", {}) if "kwargs" in params else {})
-        _check_arguments(original_class.__name__, kind, guidances, kwargs)
-        if "guidance_rescale" in params:
-            kwargs["guidance_rescale"] = 0.0   # the Guidance's CFG term rescales
-        session.reset(kwargs.get("generator"))
-        session.pipe = self
-        return original_class.__call__(self, **kwargs)
+        binding = _binding_for(self)
+        call = None
+        if binding is not None:
+            params = inspect.signature(original_class.__call__).parameters
+            bound = inspect.signature(original_class.__call__).bind(self, *args, **kwargs)
+            args, kwargs = (), {k: v for k, v in bound.arguments.items() if k != "self"}
+            kwargs.update(kwargs.pop("kwargs", {}) if "kwargs" in params else {})
+            _check_arguments(original_class.__name__, kind, binding.guidances, kwargs)
+            if "guidance_rescale" in params:
+                kwargs["guidance_rescale"] = 0.0   # the Guidance's CFG term rescales
+            call = _Call(binding, self, kwargs.get("generator"))
+        with _exclusive(self, original_class.__name__, call is not None):
+            # None for a stock call, so that one made inside a guided call (from a callback) runs stock
+            token = _CALL.set(call)
+            try:
+                return original_class.__call__(self, *args, **kwargs)
+            finally:
+                _CALL.reset(token)
 
     members = {"__call__": __call__}
     if kind == "FluxPipeline":
         def encode_prompt(self, *args, **kwargs):
             result = original_class.encode_prompt(self, *args, **kwargs)
-            session.encoded.append(result)
+            call = _CALL.get()
+            if call is not None and call.pipe is self:
+                call.encoded.append(result)
             return result
         members["encode_prompt"] = encode_prompt
-    guided_class = type(f"Guided{original_class.__name__}", (original_class,), members)
+    return type(f"Guided{original_class.__name__}", (original_class,), members)
 
-    forward = _denoiser_forward(session, stock_forward)
+
+@contextlib.contextmanager
+def guided(pipe, guidance: Guidance | list[Guidance], *, nag_negative_prompt: str | None = None):
+    """Run a stock diffusers pipeline's own __call__ with one packed forward per step.
+    With a NAG term, `nag_negative_prompt` is encoded by the pipeline's own text encoders.
+    A list of Guidances gives every image of the pipeline's batch its own (see GuidedDenoiser:
+    they may differ only in scales and step windows), all in one packed forward per step.
+    The guidance applies to calls from the thread / task that entered the context; contexts nest
+    and may be open in several threads at once (see the module docstring)."""
+    guidances = check_per_sample(guidance)
+    kind = _pipeline_kind(type(pipe))
+    if guidances[0].nag is not None and nag_negative_prompt is None:
+        raise ValueError("the Guidance has a NAG term: pass guided(pipe, guidance, nag_negative_prompt=...) "
+                         "(NAG guides away from that prompt)")
+    model = getattr(pipe, SUPPORTED_PIPELINES[kind])
+    binding = _Binding(pipe, model, GuidedDenoiser(model, guidance), kind, guidances,
+                       nag_negative_prompt if guidances[0].nag is not None else None)
+    with _LOCK:   # the model first: if patching it fails, nothing is left patched
+        _acquire(_MODELS, model, _patch_forward)
+        binding.original_class = _acquire(_PIPES, pipe, _swap_class)
     try:
-        pipe.__class__ = guided_class
-        model.forward = forward
+        _BOUND.set(_BOUND.get() + (binding,))
         yield pipe
     finally:
-        pipe.__class__ = original_class
-        if had_forward:
-            model.forward = original_forward
-        else:
-            model.__dict__.pop("forward", None)
+        # removed by identity, not by token reset: contexts may exit in any order
+        _BOUND.set(tuple(b for b in _BOUND.get() if b is not binding))
+        with _LOCK:
+            _release(_PIPES, pipe)
+            _release(_MODELS, model)
