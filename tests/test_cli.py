@@ -170,7 +170,7 @@ def test_grid_planning_groups_step_configurations():
     one = generate.plan_grid(base, g, generate.parse_grid(["cfg=1"]))[0]
     assert one.guidance.cfg is None
     for bad, msg in [("pag.sclae=1", "no field 'sclae'"), ("pgg=1", "unknown term"),
-                     ("seg.sigma=-1", "must be > 0"), ("pag", "expected PARAM=")]:
+                     ("seg.sigma=-1", "must be > 1/6"), ("pag", "expected PARAM=")]:
         with pytest.raises(ValueError, match=msg):
             generate.plan_grid(base, g, generate.parse_grid([bad]))
 

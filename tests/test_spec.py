@@ -120,7 +120,7 @@ def test_unknown_option_lists_the_terms_fields():
 
 def test_invalid_values_point_at_their_option():
     assert _caret(_error("seg=3@mid:sigma=-1")) == "sigma=-1"
-    assert "must be > 0" in _error("seg=3@mid:sigma=-1")
+    assert "must be > 1/6" in _error("seg=3@mid:sigma=-1")
     assert _caret(_error("slg@7:skip=bogus")) == "skip=bogus"
     assert "'block', 'attn', 'ff'" in _error("slg@7:skip=bogus")
     msg = _error("pag=x@mid")
