@@ -8,6 +8,7 @@ import guidance_rt as grt
 from guidance_rt import presets
 
 from .conftest import rel
+from .test_reference_nag import assert_within_nag_effect, authors_flux_nag
 
 TOL = 1e-4
 FAMILIES = {"tiny-sdxl": "mid", "tiny-sd35": 2, "tiny-flux": "s4"}
@@ -88,6 +89,64 @@ def test_nag_through_the_pipeline(name):
     with grt.guided(pipe, grt.Guidance()):
         plain = run()
     assert torch.isfinite(nag).all() and rel(nag, plain) > 1e-3
+
+
+def _other_pooled(negative):
+    """The negative with only its pooled projection replaced (3x a fresh draw)."""
+    pooled = negative["pooled_projections"]
+    fresh = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(11), dtype=pooled.dtype)
+    return {**negative, "pooled_projections": 3.0 * fresh}
+
+
+def test_flux_nag_follows_the_authors_with_the_negative_pooled_projection(tiny_model):
+    """FLUX NAG's negative stream is modulated by the negative pooled projection's temb (the NAG
+    authors' FLUX code): the runtime equals the oracle written from their code
+    (test_reference_nag.authors_flux_nag) and the reference oracle to a small fraction of NAG's
+    effect, with a negative pooled projection that differs from the positive one; changing only
+    that projection moves the prediction clearly, and the runtime follows."""
+    model = tiny_model("tiny-flux")
+    inp = presets.example_inputs("tiny-flux", batch=2, seed=4)
+    sample, t, cond = inp["sample"], inp["timestep"], inp["cond"]
+    assert (inp["negative"]["pooled_projections"] - cond["pooled_projections"]).abs().min() > 0
+    setting = grt.reference.NAGSetting(phi=4.0, tau=2.5, alpha=0.25, norm=2)    # the authors' defaults
+    den = grt.GuidedDenoiser(model, grt.Guidance(grt.NAG(4.0, tau=2.5, alpha=0.25, norm=2)))
+    with torch.no_grad():
+        plain = model(sample, timestep=t, **cond, return_dict=False)[0]
+    got = {}
+    for key, negative in (("given", inp["negative"]), ("other", _other_pooled(inp["negative"]))):
+        got[key] = den(sample, t, cond=cond, negative=negative, step=0, num_steps=1)
+        with torch.no_grad():
+            oracle = authors_flux_nag(model, setting, sample, t, cond, negative)
+            reference = grt.reference.nag_forward(model, setting, negative, sample, t, cond)
+        assert_within_nag_effect(got[key], oracle, plain)
+        assert_within_nag_effect(got[key], reference, plain)
+    assert (got["other"] - got["given"]).norm() > 0.05 * (got["given"] - plain).norm()
+
+
+def test_flux_nag_negative_sequence_through_forks_skips_and_shuffles(tiny_model):
+    """The negative sequence of the single blocks grows with branches forked in a double block
+    (PAG) and in a single one (TPG), follows the run subsets of a skipped block (SLG) and the
+    attention-only skip, and has its image tokens shuffled with TPG's rows: packed == reference."""
+    model = tiny_model("tiny-flux")
+    inp = presets.example_inputs("tiny-flux", batch=2, seed=8)
+    terms = [grt.CFG(5.0), grt.PAG(2.0, layers="3"), grt.TPG(0.5, layers="s2"),
+             grt.SLG(1.0, layers="s5", start=0.0), grt.SLG(1.0, layers="s3", skip="attn", start=0.0)]
+    packed, reference = _run(model, grt.Guidance(*terms, grt.NAG(4.0)), inp)
+    without, _ = _run(model, grt.Guidance(*terms), inp)
+    assert_within_nag_effect(packed, reference, without)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd35"])
+def test_sd3_nag_ignores_the_negative_pooled_projection(tiny_model, name):
+    """The NAG authors' SD3 pipeline modulates the negative text with the positive pooled
+    projection's temb (it concatenates the positive one again for the NAG rows): the negative's
+    own pooled projection changes nothing, in the runtime and in the reference."""
+    model = tiny_model(name)
+    inp = presets.example_inputs(name, batch=2, seed=4)
+    guidance = grt.Guidance(grt.CFG(5.0), grt.NAG(4.0))
+    packed, reference = _run(model, guidance, inp)
+    packed_other, reference_other = _run(model, guidance, {**inp, "negative": _other_pooled(inp["negative"])})
+    assert torch.equal(packed, packed_other) and torch.equal(reference, reference_other)
 
 
 class _LargestSquare(TorchDispatchMode):

@@ -229,7 +229,7 @@ def test_nag_dit_attention_is_the_formula_on_two_stock_attentions(family, path, 
     ids_neg = torch.arange(3 * N_TEXT, dtype=torch.float32).reshape(N_TEXT, 3) % 4
     setting = ref.NAGSetting(phi=3.0, tau=1.5, alpha=0.7, norm=2)
     negative = {"encoder_hidden_states": torch.randn(1, N_TEXT, 16, generator=g),
-                "txt_ids": ids_neg}
+                "pooled_projections": torch.randn(1, 16, generator=g), "txt_ids": ids_neg}
     kwargs = {k: v for k, v in cond.items() if k in ("img_ids", "txt_ids")}
     single = path.startswith("single")
 
@@ -291,32 +291,138 @@ def test_nag_rows_use_their_own_negative(family):
     torch.testing.assert_close(full[1:2], one, rtol=ROUNDING, atol=ROUNDING)
     # a batch-1 negative is broadcast
     neg0 = row(negative, 0)
-    tiled = {**negative, "encoder_hidden_states": neg0["encoder_hidden_states"].expand(B, -1, -1)}
+    tiled = {k: v.expand(B, *v.shape[1:]) if isinstance(v, torch.Tensor) and k not in ("txt_ids", "img_ids")
+             else v for k, v in neg0.items()}
     a = ref.step(model, guidance, sample, t, cond=cond, negative=neg0, step=0, num_steps=10)
     b = ref.step(model, guidance, sample, t, cond=cond, negative=tiled, step=0, num_steps=10)
     torch.testing.assert_close(a, b, rtol=ROUNDING, atol=ROUNDING)
     assert (a - full).abs().max() > 1e-3
 
 
-def test_nag_flux_single_blocks_carry_identical_image_tokens_and_neg_txt_ids_matter():
+def test_nag_flux_single_blocks_carry_the_negative_sequence_and_neg_txt_ids_matter():
+    """Single blocks run row 1 = [negative text, image] as a sequence of its own, modulated by the
+    negative pooled projection's temb: its image tokens equal row 0's while the negative pooled
+    equals the positive one (both get the combined attention output) and drift from them
+    otherwise."""
     model = get("flux")
     sample, t, cond, _, negative = inputs("flux")
-    seen = []
-    handle = model.single_transformer_blocks[0].register_forward_hook(
-        lambda m, a, o: seen.append(o))
-    try:
-        cond_only("flux", grt.NAG())
-    finally:
-        handle.remove()
-    assert len(seen) == B
-    for text, image in seen:
-        assert text.shape[0] == 2 and image.shape[0] == 2
-        torch.testing.assert_close(image[0], image[1], rtol=0, atol=1e-6)
-        assert (text[0] - text[1]).abs().max() > 1e-2
+    same_pooled = {**negative, "pooled_projections": cond["pooled_projections"]}
+    for neg, drifts in ((same_pooled, False), (negative, True)):
+        seen = []
+        handle = model.single_transformer_blocks[0].register_forward_hook(
+            lambda m, a, o: seen.append(o))
+        try:
+            cond_only("flux", grt.NAG(), negative=neg)
+        finally:
+            handle.remove()
+        assert len(seen) == B
+        for text, image in seen:
+            assert text.shape[0] == 2 and image.shape[0] == 2
+            assert (text[0] - text[1]).abs().max() > 1e-2
+            drift = (image[0] - image[1]).abs().max().item()
+            assert drift > 1e-2 if drifts else drift < 1e-6, drift
     # the negative's own txt_ids enter its rotary embedding
     same = cond_only("flux", grt.NAG(), negative=cond)
     shifted = cond_only("flux", grt.NAG(), negative={**cond, "txt_ids": cond["txt_ids"] + 3.0})
     assert (same - shifted).abs().max() > 1e-3
+
+
+# ------------------------------------------------- FLUX against the authors' formulation
+
+
+def assert_within_nag_effect(got, want, plain, frac=1e-3):
+    """|got - want| <= frac |want - plain| + 64 eps |want| (Frobenius, float64): a small fraction
+    of NAG's effect on the output, plus the rounding of an output of that size in its dtype."""
+    rounding = 64 * torch.finfo(got.dtype).eps * want.double().norm().item()
+    got, want, plain = got.double(), want.double(), plain.double()
+    err, effect = (got - want).norm().item(), (want - plain).norm().item()
+    assert effect > 1e3 * rounding, f"NAG's effect {effect:.3g} is too small to compare"
+    assert err <= frac * effect + rounding, f"error {err:.3g} = {err / effect:.3g} of NAG's effect {effect:.3g}"
+
+
+def _joint_z(attn, img, txt, rotary):
+    """The stock FLUX joint attention on [txt, img]: (image Z before to_out, text output)."""
+    seen = {}
+    handle = attn.to_out[0].register_forward_pre_hook(lambda m, a: seen.update(z=a[0]))
+    try:
+        _, text = attn(hidden_states=img, encoder_hidden_states=txt, image_rotary_emb=rotary)
+    finally:
+        handle.remove()
+    return seen["z"], text
+
+
+def authors_flux_nag(model, setting, sample, t, cond, negative):
+    """The positive forward with NAG written directly from the NAG authors' FLUX code
+    (ChenDarYen/Normalized-Attention-Guidance: src/pipeline_flux_nag.py, src/transformer_flux.py
+    NAGFluxTransformer2DModel.forward, src/attention_flux_nag.py, src/normalization.py), one
+    sample at a time, with the model's stock submodules and the stock attention run on each
+    sequence. temb has rows [positive, negative] = time_text_embed(t, guidance, [pooled, negative
+    pooled]) (the pipeline's concatenation); double blocks: the image stream (one row) is modulated
+    by the positive row (TruncAdaLayerNormZero), the text stream [positive; negative text] by its
+    own rows, the image attention is NAG(Zp, Zn); single blocks: the image stream is tiled, row r
+    = [text r, image r] is modulated by temb row r (AdaLayerNormZeroSingle is not truncated), both
+    rows' image tokens get NAG(row 0, row 1), each text keeps its own; norm_out takes the
+    positive row (TruncAdaLayerNormContinuous) of row 0's image. Rotary: each sequence with its
+    own txt_ids, as guidance-rt does (the authors pass the positive ones for both; FluxPipeline's
+    txt_ids are zeros for every prompt, and are equal here)."""
+    def nag(zp, zn):
+        return formula64(zp, zn, setting.phi, setting.tau, setting.alpha, setting.norm)[0].to(zp.dtype)
+
+    def row(x, b):
+        return x[b:b + 1] if x.shape[0] > 1 else x
+
+    outs = []
+    for b in range(sample.shape[0]):
+        img = model.x_embedder(sample[b:b + 1])
+        both = lambda v: row(v.reshape(-1), b).to(img.dtype).expand(2) * 1000   # noqa: E731
+        times = (both(t),) + ((both(cond["guidance"]),) if cond.get("guidance") is not None else ())
+        temb = model.time_text_embed(*times, torch.cat([row(cond["pooled_projections"], b),
+                                                        row(negative["pooled_projections"], b)]))
+        txt = model.context_embedder(torch.cat([row(cond["encoder_hidden_states"], b),
+                                                row(negative["encoder_hidden_states"], b)]))
+        rotary = [model.pos_embed(torch.cat([ids, cond["img_ids"]]))
+                  for ids in (cond["txt_ids"], negative["txt_ids"])]
+        n_text = txt.shape[1]
+        for block in model.transformer_blocks:
+            n_img, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(img, emb=temb[:1])
+            n_txt, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(txt, emb=temb)
+            (zp, text_p), (zn, text_n) = (_joint_z(block.attn, n_img, n_txt[r:r + 1], rotary[r])
+                                          for r in (0, 1))
+            img = img + gate_msa[:, None] * block.attn.to_out[0](nag(zp, zn))
+            img = img + gate_mlp[:, None] * block.ff(block.norm2(img) * (1 + scale_mlp[:, None])
+                                                     + shift_mlp[:, None])
+            txt = txt + c_gate_msa[:, None] * torch.cat([text_p, text_n])
+            txt = txt + c_gate_mlp[:, None] * block.ff_context(
+                block.norm2_context(txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
+        x = torch.cat([txt, img.expand(2, -1, -1)], dim=1)
+        for block in model.single_transformer_blocks:
+            n, gate = block.norm(x, emb=temb)
+            a = torch.cat([block.attn(hidden_states=n[r:r + 1], image_rotary_emb=rotary[r]) for r in (0, 1)])
+            a[:, n_text:] = nag(a[0:1, n_text:], a[1:2, n_text:])
+            x = x + gate[:, None] * block.proj_out(torch.cat([a, block.act_mlp(block.proj_mlp(n))], dim=2))
+        outs.append(model.proj_out(model.norm_out(x[:1, n_text:], temb[:1])))
+    return torch.cat(outs)
+
+
+def test_nag_flux_reference_follows_the_authors_forward():
+    """With a negative pooled projection that differs from the positive one, the reference equals
+    the authors' formulation to a small fraction of NAG's effect; changing only the negative
+    pooled projection moves the result, and the reference follows."""
+    model = get("flux")
+    sample, t, cond, _, negative = inputs("flux")
+    assert (negative["pooled_projections"] - cond["pooled_projections"]).abs().min() > 0
+    setting = ref.NAGSetting(phi=4.0, tau=2.5, alpha=0.25, norm=2)     # the authors' FLUX defaults
+    plain = forward(model, sample, t, cond)
+    fresh = torch.randn(B, 16, generator=torch.Generator().manual_seed(9))
+    other = {**negative, "pooled_projections": 3.0 * fresh}
+    with torch.no_grad():
+        got, moved = (ref.nag_forward(model, setting, neg, sample, t, cond)
+                      for neg in (negative, other))
+        want, want_moved = (authors_flux_nag(model, setting, sample, t, cond, neg)
+                            for neg in (negative, other))
+    assert_within_nag_effect(got, want, plain)
+    assert_within_nag_effect(moved, want_moved, plain)
+    assert (moved - got).norm() > 0.05 * (want - plain).norm(), "the negative pooled projection is ignored"
 
 
 # -------------------------------------------------------------------------------- zero norms

@@ -42,8 +42,10 @@ class Adapter:
         return t.index_select(0, plan.source(t.device))
 
     @staticmethod
-    def shuffle(x: torch.Tensor, bp: BlockPlan, perms, image: slice = slice(None)) -> torch.Tensor:
-        """TPG: permute the image tokens of the shuffled rows (one permutation per term/layer)."""
+    def shuffle(x: torch.Tensor, bp: BlockPlan, perms, image: slice = slice(None), first: int = 0) -> torch.Tensor:
+        """TPG: permute the image tokens of the shuffled rows (one permutation per term/layer).
+        `first`: x holds the run rows from `first` on (NAG's stream: the positive rows; shuffled
+        rows are branch rows, never before it)."""
         if not bp.shuffle:
             return x
         n = x[:, image].shape[1]
@@ -51,13 +53,14 @@ class Adapter:
         if kern is not None:   # one gather kernel over a device permutation table
             table = torch.full((x.shape[0],), -1, dtype=torch.long)
             for j, (start, end, _) in enumerate(bp.shuffle):
-                table[start:end] = j
+                table[start - first:end - first] = j
             stacked = torch.stack([perms(term, bp.position, n, x.device) for _, _, term in bp.shuffle])
             return kern.token_shuffle(x, stacked, table.to(x.device), image.start or 0)
         x = x.clone()
         for start, end, term in bp.shuffle:
+            rows = slice(start - first, end - first)
             perm = perms(term, bp.position, n, x.device)
-            x[start:end, image] = x[start:end, image].index_select(1, perm)
+            x[rows, image] = x[rows, image].index_select(1, perm)
         return x
 
     @staticmethod

@@ -8,7 +8,10 @@ equivariant, so undoing the permutation would make TPG a no-op).
 
 With NAG a third stream runs beside them: the negative prompt's text tokens, one row per
 positive row (cond and branches), updated by every block like the positive text; the blocks'
-joint attention combines the image tokens' positive and negative attention (methods.md 5).
+joint attention combines the image tokens' positive and negative attention (methods.md 5). The
+stream is modulated by its own temb where the family has one (FLUX: from the negative pooled
+projection; SD3: the positive rows'), and may carry image tokens of its own after its text (FLUX
+single blocks), which TPG shuffles like the positive image tokens.
 """
 from __future__ import annotations
 
@@ -22,10 +25,10 @@ from .base import Adapter
 
 @dataclass
 class NagStream:
-    """NAG's negative text stream of one block call (rows: the positive rows that run it)."""
+    """NAG's negative stream of one block call (rows: the positive rows that run it)."""
 
-    txt: torch.Tensor
-    temb: torch.Tensor
+    txt: torch.Tensor       # the negative text (FLUX single blocks: the sequence [text, image])
+    temb: torch.Tensor      # the time embedding that modulates it
     pos_start: int          # first positive row among the rows that run the block
     step: object            # denoiser.NagStep
     extra: object = None    # family data (FLUX: the negative sequence's rotary embedding)
@@ -55,9 +58,11 @@ class DiTAdapter(Adapter):
         return txt, update(nag.txt, a_neg, neg_mods, self.shift_spans(bp.skip_attn, ps), self.shift_spans(bp.skip_ff, ps))
 
     def run_blocks(self, blocks, offset, img, txt, temb, extra, plan: StepPlan, perms, grid,
-                   controls=None, ntxt=None, nag=None, nag_extra=None):
+                   controls=None, ntxt=None, nag=None, nag_extra=None, ntemb=None, nag_image=None):
         """Run a block list whose first block has execution position `offset`. `temb` holds every
-        layout row; `ntxt` (with NAG) holds the positive rows only."""
+        layout row; `ntxt` (with NAG) holds the positive rows only, `ntemb` its temb for every
+        positive row of the layout (None: the positive rows' own), `nag_image` the image tokens
+        inside `ntxt` (None: text only)."""
         ps = plan.pos_start
         for i, block in enumerate(blocks):
             p = offset + i
@@ -80,7 +85,11 @@ class DiTAdapter(Adapter):
                 stream = None
                 if nag is not None:
                     nr = bp.run_pos.take(ntxt) if run else ntxt
-                    stream = NagStream(nr, te[ps:], ps, nag, nag_extra)
+                    ne = te[ps:]
+                    if ntemb is not None:
+                        ne = bp.run_pos.take(ntemb[:rows - ps]) if run else ntemb[:rows - ps]
+                    nr_shuffled = self.shuffle(nr, bp, perms, nag_image, first=ps) if nag_image else nr
+                    stream = NagStream(nr_shuffled, ne, ps, nag, nag_extra)
                 if nag is not None or bp.self_attn or bp.skip_attn or bp.skip_ff:
                     tr_out, ir_out, nr_out = self.own_block(block, shuffled, tr, te, extra, bp, grid, stream)
                 else:
@@ -88,6 +97,8 @@ class DiTAdapter(Adapter):
                     nr_out = None
                 if bp.shuffle:  # exact zero on rows that were not shuffled
                     ir_out = ir_out + (ir - shuffled)
+                    if nr_out is not None and nag_image:
+                        nr_out = nr_out + (nr - nr_shuffled)
                 img = run.put(img, ir_out) if run else ir_out
                 if txt is not None and tr_out is not None:
                     txt = run.put(txt, tr_out) if run else tr_out

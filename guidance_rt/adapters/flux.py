@@ -35,26 +35,42 @@ class FluxAdapter(DiTAdapter):
         dtype = img.dtype
         t = timestep.to(dtype) * 1000
         guidance = base.get("guidance")
-        if guidance is not None:
-            temb = m.time_text_embed(t, guidance.to(dtype) * 1000, base["pooled_projections"])
-        else:
-            temb = m.time_text_embed(t, base["pooled_projections"])
-        temb = self.per_row(temb, plan)
+        g = guidance.to(dtype) * 1000 if guidance is not None else None
+
+        def embed(rows, pooled):   # time_text_embed of the base rows `rows`
+            times = (t[rows],) if g is None else (t[rows], g[rows])
+            return m.time_text_embed(*times, pooled)
+
+        temb = self.per_row(embed(slice(None), base["pooled_projections"]), plan)
         txt = m.context_embedder(base["encoder_hidden_states"])
         img_ids = _ids(base["img_ids"])
         rope = m.pos_embed(torch.cat((_ids(base["txt_ids"]), img_ids), dim=0))
         needs_grid = any(s.mode == BLUR for bp in plan.blocks.values() for s in bp.self_attn)
         grid = flux_grid(img_ids) if needs_grid else None
-        ntxt = neg_rope = None
+        ntxt = neg_rope = ntemb = neg_image = None
         if nag is not None:
+            if negative.get("pooled_projections") is None:
+                raise ValueError("FLUX NAG needs the negative prompt's pooled_projections in `negative`: "
+                                 "its time embedding modulates the negative stream")
             ntxt = m.context_embedder(negative["encoder_hidden_states"])
             neg_rope = m.pos_embed(torch.cat((_ids(negative["txt_ids"]), img_ids), dim=0))
+            # as the NAG authors' FLUX code: the negative stream is modulated by the time embedding
+            # of the negative pooled projection (same timestep and guidance as the cond rows), one
+            # row per positive row of the layout (cond, then each branch)
+            ntemb = embed(plan.cond_rows, negative["pooled_projections"])
+            ntemb = ntemb.repeat((plan.total_rows - plan.pos_start) // plan.batch, 1)
+            neg_image = slice(ntxt.shape[1], None)
 
         n_double = len(m.transformer_blocks)
         img, txt, ntxt = self.run_blocks(m.transformer_blocks, 0, img, txt, temb, rope, plan, perms, grid,
-                                         ntxt=ntxt, nag=nag, nag_extra=neg_rope)
+                                         ntxt=ntxt, nag=nag, nag_extra=neg_rope, ntemb=ntemb)
+        if nag is not None:
+            # single blocks carry the whole negative sequence [negative text, image]: its image
+            # tokens start as the positive rows' and then follow their own (negative) modulation
+            ntxt = torch.cat([ntxt, img[plan.pos_start:]], dim=1)
         img, _, _ = self.run_blocks(m.single_transformer_blocks, n_double, img, txt, temb, rope, plan,
-                                    perms, grid, ntxt=ntxt, nag=nag, nag_extra=neg_rope)
+                                    perms, grid, ntxt=ntxt, nag=nag, nag_extra=neg_rope, ntemb=ntemb,
+                                    nag_image=neg_image)
         return m.proj_out(m.norm_out(img, temb[: img.shape[0]]))
 
     def stock_block(self, block, img, txt, temb, rope):
@@ -88,8 +104,8 @@ class FluxAdapter(DiTAdapter):
         n, gate = block.norm(x, emb=temb)
         mlp = self.drop_rows(block.act_mlp(block.proj_mlp(n)), bp.skip_ff)
         n_neg = None
-        if nag:
-            n_neg, _ = block.norm(nag.txt, emb=nag.temb)
+        if nag:   # nag.txt: the whole negative sequence [text, image], with the negative temb
+            n_neg, neg_gate = block.norm(nag.txt, emb=nag.temb)
         a, _, a_neg = self._attention(block.attn, n, None, n_neg, rope, bp, grid, nag, image_start=n_txt_tokens)
         a = self.drop_rows(a, bp.skip_attn)
         x = self._clip(x + gate.unsqueeze(1) * block.proj_out(torch.cat([a, mlp], dim=2)))
@@ -98,14 +114,15 @@ class FluxAdapter(DiTAdapter):
             ps = nag.pos_start
             neg_mlp = self.drop_rows(block.act_mlp(block.proj_mlp(n_neg)), self.shift_spans(bp.skip_ff, ps))
             a_neg = self.drop_rows(a_neg, self.shift_spans(bp.skip_attn, ps))
-            neg = self._clip(nag.txt + gate[ps:].unsqueeze(1) * block.proj_out(torch.cat([a_neg, neg_mlp], dim=2)))
+            neg = self._clip(nag.txt + neg_gate.unsqueeze(1) * block.proj_out(torch.cat([a_neg, neg_mlp], dim=2)))
         return x[:, :n_txt_tokens], x[:, n_txt_tokens:], neg
 
     def _attention(self, attn, x, c, cn, rope, bp, grid, nag, image_start=0):
         """FluxAttnProcessor with per-row variants and NAG; tokens are [text, image].
-        Double blocks: x = image tokens, c = text. Single blocks: x = [text, image], c = None.
-        cn: the negative text (normed), for the positive rows. Returns (image or whole-sequence
-        output, text output, negative text output)."""
+        Double blocks: x = image tokens, c = text, cn: the negative text (normed), for the positive
+        rows, which attends with their image tokens. Single blocks: x = [text, image], c = None,
+        cn: the negative sequence [text, image] (normed), with image tokens of its own. Returns
+        (image or whole-sequence output, text output, negative text or sequence output)."""
         if not bp.self_attn and nag is None:
             if c is None:
                 return attn(hidden_states=x, image_rotary_emb=rope), None, None
@@ -128,18 +145,22 @@ class FluxAdapter(DiTAdapter):
         o_neg = None
         if nag is not None:
             ps, s = nag.pos_start, nag.step
-            if c is not None:
+            segments = shift_segments(bp.self_attn, ps)
+            if c is not None:   # double block: the negative text beside the positive image tokens
+                n_neg = cn.shape[1]
                 nq, nk, nv = self._text_qkv(attn, cn)
-            else:   # single block: the same projections as the sequence's own tokens
-                nq, nk, nv = attn.norm_q(unflat(attn.to_q(cn))), attn.norm_k(unflat(attn.to_k(cn))), unflat(attn.to_v(cn))
-            nq, nk, nv = (torch.cat([t_neg, t[ps:, image]], 1) for t_neg, t in ((nq, q), (nk, k), (nv, v)))
-            n_neg = nq.shape[1] - (q.shape[1] - n_txt)
+                nq, nk, nv = (torch.cat([t_neg, t[ps:, image]], 1) for t_neg, t in ((nq, q), (nk, k), (nv, v)))
+            else:   # single block: the negative sequence's own tokens, SEG's queries included
+                n_neg = cn.shape[1] - (x.shape[1] - image_start)
+                nq = attn.norm_q(unflat(query_variants(attn.to_q(cn), segments, grid, slice(n_neg, None))))
+                nk, nv = attn.norm_k(unflat(attn.to_k(cn))), unflat(attn.to_v(cn))
             on = variant_attention(rotate(nq, nag.extra), rotate(nk, nag.extra), nv.transpose(1, 2),
-                                   shift_segments(bp.self_attn, ps), slice(n_neg, None))
+                                   segments, slice(n_neg, None))
             on = on.transpose(1, 2).flatten(2, 3).to(x.dtype)
             guided = nag_combine(o[ps:, image], on[:, n_neg:], s.phi, s.tau, s.alpha, s.norm)
             o = torch.cat([o[:ps], torch.cat([o[ps:, :n_txt], guided], 1)])
-            o_neg = on[:, :n_neg]
+            # both sequences' image tokens get the combined output (the authors' single blocks)
+            o_neg = on[:, :n_neg] if c is not None else torch.cat([on[:, :n_neg], guided], 1)
         if c is None:
             return o, None, o_neg
         o_txt, o_img = o[:, :n_txt], o[:, n_txt:]

@@ -16,23 +16,34 @@ How each family is done (one plain forward of the stock model per positive branc
   The whole batch runs at once.
 - SD3 / FLUX: the positive branch runs sample by sample (batch 1) and the negative text stream is
   carried as a second row of the text stream: a forward hook on ``context_embedder`` appends
-  ``context_embedder(negative text)``, and the stock blocks broadcast the batch-1 temb (and
-  image stream) against the 2-row text stream, so the negative text is updated exactly like the
-  positive one with the positive row's temb. The joint attention processors (``SD3JointAttention
-  NAG``, ``FluxAttentionNAG``) run row 0 = [image, positive text] and row 1 = [image, negative
-  text] (FLUX: [text, image], row 1 with rotary ids cat(negative txt_ids, img_ids)), NAG-combine
-  the image parts and give each text row its own output. FLUX single blocks: a pre-hook on the
-  first one tiles the image stream to 2 rows (same tokens), the processor gives both rows' image
-  tokens the combined output, and a hook on the last one keeps row 0.
+  ``context_embedder(negative text)``. The joint attention processors (``SD3JointAttentionNAG``,
+  ``FluxAttentionNAG``) run row 0 = [image, positive text] and row 1 = [image, negative text]
+  (FLUX: [text, image], row 1 with rotary ids cat(negative txt_ids, img_ids)), NAG-combine the
+  image parts and give each text row its own output.
+- SD3: the stock blocks broadcast the batch-1 temb (and image stream) against the 2-row text
+  stream, so the negative text is modulated with the positive row's temb. This is the authors'
+  SD3 pipeline: it concatenates the positive pooled projection again for the NAG rows and never
+  uses the negative one.
+- FLUX follows the authors' NAGFluxTransformer2DModel and pipeline_flux_nag.py: the pipeline
+  concatenates the negative prompt's pooled projection, so temb has a second row,
+  time_text_embed(same timestep, same guidance, negative pooled) (a pre-hook on
+  ``time_text_embed``), and their Trunc* norms give every AdaLayerNormZero / AdaLayerNormContinuous
+  only its input's rows of temb: the image stream of the double blocks and ``norm_out`` (1 row)
+  use the positive row, the text stream's norm1_context (2 rows) modulates the negative text with
+  the negative row. Single blocks: a pre-hook on the first one tiles the image stream to 2 rows,
+  so row 1 = [negative text, image] is its own sequence, modulated (AdaLayerNormZeroSingle, not
+  truncated) by the negative temb; its image tokens drift from row 0's although the processor
+  gives both rows' image tokens the combined output; a hook on the last one keeps row 0.
 - A PAG processor of the reference already installed on a guided joint attention (a PAG branch on
   SD3 / FLUX) is absorbed: both Zp and Zn use its MM-DiT map (text part = that row's text). SEG's
-  to_q hook blurs the image queries, shared by both rows.
+  to_q hook blurs the image queries: shared by both rows, in FLUX single blocks each row's own.
 
 Everything is installed on an ExitStack and removed on exit, also after an exception.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -204,8 +215,9 @@ class FluxAttentionNAG:
     text, image] with ``negative_rotary`` (ids cat(negative txt_ids, img_ids)).
 
     Double blocks: image stream (1, N, D), text stream (2, T, D); returns the NAG image output
-    (1, N, D) after to_out and both text rows after to_add_out. Single blocks: (2, T + N, D), the
-    image tokens equal in both rows; returns both rows with the NAG image output in each."""
+    (1, N, D) after to_out and both text rows after to_add_out. Single blocks: (2, T + N, D), each
+    row its own sequence (row 1's image tokens are the negative sequence's, queries included);
+    returns both rows with the NAG image output in each."""
 
     def __init__(self, setting: NAGSetting, negative_rotary, n_image: int,
                  pag: FluxAttentionPAG | None = None):
@@ -280,13 +292,13 @@ def _guided_processor_check(family: str, attn: nn.Module, allowed=()) -> None:
         raise ValueError("reference NAG: fused qkv projections are not supported")
 
 
-def _negative_text(negative: dict, row: int | None) -> torch.Tensor:
-    text = negative.get("encoder_hidden_states") if negative is not None else None
-    if text is None:
-        raise ValueError("NAG needs the negative prompt's encoder_hidden_states in `negative`")
+def _negative_input(negative: dict, key: str, row: int | None) -> torch.Tensor:
+    value = negative.get(key) if negative is not None else None
+    if value is None:
+        raise ValueError(f"NAG needs the negative prompt's {key} in `negative`")
     if row is not None:
-        text = text[row:row + 1] if text.shape[0] > 1 else text
-    return text
+        value = value[row:row + 1] if value.shape[0] > 1 else value
+    return value
 
 
 def _unet_cross_attentions(model: nn.Module) -> list[nn.Module]:
@@ -314,14 +326,14 @@ def nag_installed(model: nn.Module, setting: NAGSetting, negative: dict, kwargs:
             attns = _unet_cross_attentions(model)
             if not attns:
                 raise ValueError("reference NAG: the UNet has no cross-attention layers")
-            text = _negative_text(negative, row)
+            text = _negative_input(negative, "encoder_hidden_states", row)
             for attn in attns:
                 _guided_processor_check(family, attn)
                 _set_processor(stack, attn, UNetCrossAttentionNAG(setting, text))
             yield attns
             return
 
-        text = _negative_text(negative, row)
+        text = _negative_input(negative, "encoder_hidden_states", row)
         if text.shape[0] != 1:
             raise ValueError("reference NAG: SD3 / FLUX run one sample at a time; pick a row")
         with torch.no_grad():
@@ -349,6 +361,8 @@ def nag_installed(model: nn.Module, setting: NAGSetting, negative: dict, kwargs:
             return
 
         # FLUX
+        from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
+
         txt_ids = negative.get("txt_ids")
         img_ids = kwargs.get("img_ids")
         if txt_ids is None or img_ids is None:
@@ -364,6 +378,33 @@ def nag_installed(model: nn.Module, setting: NAGSetting, negative: dict, kwargs:
         with torch.no_grad():
             negative_rotary = model.pos_embed(torch.cat([txt_ids.to(img_ids), img_ids], dim=0))
         n_image = img_ids.shape[0]
+        pooled = _negative_input(negative, "pooled_projections", row)
+        if pooled.shape[0] != 1:
+            raise ValueError("reference NAG: SD3 / FLUX run one sample at a time; pick a row")
+
+        def add_negative_temb(module, args):
+            # (timestep, [guidance,] pooled), each already scaled by the model: the pipeline's
+            # cat([pooled, negative pooled]) with the timestep and guidance expanded to both rows
+            *times, positive = args
+            if positive.shape[0] != 1:
+                raise ValueError("reference NAG: SD3 / FLUX positive forwards must be batch 1")
+            return tuple(x.reshape(-1).expand(2) for x in times) + (
+                torch.cat([positive, pooled.to(positive)]),)
+
+        _hook(stack, model.time_text_embed, add_negative_temb, pre=True)
+
+        def input_rows_of_temb(module, args, kwargs):
+            # the authors' TruncAdaLayerNormZero / TruncAdaLayerNormContinuous: emb[:len(x)]
+            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            name = "emb" if isinstance(module, AdaLayerNormZero) else "conditioning_embedding"
+            emb = bound.arguments.get(name)
+            if emb is not None:
+                bound.arguments[name] = emb[:bound.arguments["x"].shape[0]]
+            return bound.args, bound.kwargs
+
+        for module in model.modules():
+            if isinstance(module, (AdaLayerNormZero, AdaLayerNormContinuous)):
+                _hook(stack, module, input_rows_of_temb, pre=True, with_kwargs=True)
         blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
         for block in blocks:
             _guided_processor_check(family, block.attn, (FluxAttentionPAG,))
@@ -415,7 +456,7 @@ def nag_forward(model: nn.Module, setting: NAGSetting, negative: dict, sample: t
         with nag_installed(model, setting, negative, kwargs):
             return model(sample, timestep=timestep, **kwargs, return_dict=False)[0]
     batch = sample.shape[0]
-    rows = _negative_text(negative, None).shape[0]
+    rows = _negative_input(negative, "encoder_hidden_states", None).shape[0]
     if rows not in (1, batch):
         raise ValueError(f"reference NAG: negative encoder_hidden_states has batch {rows}, "
                          f"expected 1 or {batch}")
