@@ -16,8 +16,10 @@ setup(
     install_requires=["torch>=2.4", "diffusers==0.42.1", "transformers>=4.44", "safetensors", "tqdm",
                       "matplotlib"],                     # guidance-rt layers: the plot
     extras_require={
-        # triton: the kernel tests run the Triton kernels in its interpreter on CPU
-        "test": ["pytest", "pytest-benchmark", "peft", "triton", "rapidocr==3.10.0", "onnxruntime"],
+        # triton: the kernel tests run the Triton kernels in its interpreter on CPU;
+        # pytest-xdist: the suite runs on both cores of a CI machine
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "peft", "triton", "rapidocr==3.10.0",
+                 "onnxruntime"],
         # OCR evaluation (guidance_rt.eval): RapidOCR ships its ONNX models in the wheel
         "ocr": ["rapidocr==3.10.0", "onnxruntime"],
         "gpu": ["triton", "nvidia-ml-py"],
