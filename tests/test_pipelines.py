@@ -78,7 +78,7 @@ def test_pag_with_controlnet_matches_diffusers(pipes):
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-sd35"])
 def test_slg_matches_sd3_pipeline(pipes, name):
     pipe = pipes(name)
-    steps = dict(num_inference_steps=10)
+    steps = dict(num_inference_steps=5)   # window 0.01-0.5: off at step 0, on at 1-2, off at 3-4
     expected = _latents(pipe, guidance_scale=4.0, skip_guidance_layers=[7, 8, 9], skip_layer_guidance_scale=2.8,
                         skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.5, **steps)
     with grt.guided(pipe, grt.Guidance(grt.CFG(4.0), grt.SLG(2.8, layers=[7, 8, 9], start=0.01, stop=0.5))):

@@ -19,9 +19,9 @@ diffusers = pytest.importorskip("diffusers")
 
 from .test_reference import (B, FLUX_GRID, LAYERS, N_TEXT, assert_same_state,  # noqa: E402
                              flux_img_ids, forward, get, make_inputs, snapshot)
+from .tolerance import MODEL_ULPS, assert_close  # noqa: E402
 
 NAG_FAMILIES = ["unet", "sd3", "sd35", "flux"]
-ROUNDING = 1e-4          # fp32 forwards that differ only in batch shape / processor code
 
 
 def inputs(family):
@@ -91,9 +91,9 @@ def test_nag_changes_output_and_off_equals_off(family):
     # alpha = 0 keeps Zp; a negative equal to the positive prompt gives Zt = Zp: both are off
     plain_cond = forward(model, sample, t, cond)
     zero = nag_branches(family, grt.Guidance(grt.CFG(scale=5.0), grt.NAG(alpha=0.0)))
-    torch.testing.assert_close(zero[1].prediction, plain_cond, rtol=ROUNDING, atol=ROUNDING)
+    assert_close(zero[1].prediction, plain_cond, ulps=MODEL_ULPS)
     same = nag_branches(family, grt.Guidance(grt.CFG(scale=5.0), grt.NAG()), negative=cond)
-    torch.testing.assert_close(same[1].prediction, plain_cond, rtol=ROUNDING, atol=ROUNDING)
+    assert_close(same[1].prediction, plain_cond, ulps=MODEL_ULPS)
 
 
 @pytest.mark.parametrize("family", ["unet", "sd3", "flux"])
@@ -172,8 +172,8 @@ def test_nag_unet_attn2_matches_float64_formula(tau, norm):
         assert (r > tau).any() and (r < tau).any()            # clipping active on some tokens
         z = alpha * zt * torch.clamp(r, max=tau) / r + (1 - alpha) * zp
     expected = lin(attn.to_out[0], z)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
     assert (expected - lin(attn.to_out[0], zp)).abs().max() > 1e-2    # NAG did something here
+    assert_close(out, expected, effect=expected - lin(attn.to_out[0], zp))
 
 
 def _stock_attention(family, model, path, x_img, x_txt, txt_ids):
@@ -259,9 +259,9 @@ def test_nag_dit_attention_is_the_formula_on_two_stock_attentions(family, path, 
             expected = z.expand(2, -1, -1)
         else:
             expected = z @ attn.to_out[0].weight.double().T + attn.to_out[0].bias.double()
-        torch.testing.assert_close(img.double(), expected, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(txt[0:1], txt_p, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(txt[1:2], txt_n, rtol=1e-5, atol=1e-5)
+        assert_close(img, expected, effect=expected - (zp if single else img_p).double(), what="image rows")
+        assert_close(txt[0:1], txt_p, what="positive text rows")
+        assert_close(txt[1:2], txt_n, what="negative text rows")
     if with_pag:                                             # the PAG map really acted
         with torch.no_grad():
             zp_plain, _, _ = _stock_attention(family, model, path, x_img, t_pos, ids_pos)
@@ -288,15 +288,15 @@ def test_nag_rows_use_their_own_negative(family):
     t1 = t[1:2] if t.ndim else t
     one = ref.step(model, guidance, sample[1:2], t1, cond=row(cond, 1),
                    negative=row(negative, 1), step=0, num_steps=10)
-    torch.testing.assert_close(full[1:2], one, rtol=ROUNDING, atol=ROUNDING)
+    assert_close(full[1:2], one, ulps=MODEL_ULPS)
     # a batch-1 negative is broadcast
     neg0 = row(negative, 0)
     tiled = {k: v.expand(B, *v.shape[1:]) if isinstance(v, torch.Tensor) and k not in ("txt_ids", "img_ids")
              else v for k, v in neg0.items()}
     a = ref.step(model, guidance, sample, t, cond=cond, negative=neg0, step=0, num_steps=10)
     b = ref.step(model, guidance, sample, t, cond=cond, negative=tiled, step=0, num_steps=10)
-    torch.testing.assert_close(a, b, rtol=ROUNDING, atol=ROUNDING)
     assert (a - full).abs().max() > 1e-3
+    assert_close(a, b, ulps=MODEL_ULPS, effect=a - full)
 
 
 def test_nag_flux_single_blocks_carry_the_negative_sequence_and_neg_txt_ids_matter():
@@ -441,9 +441,9 @@ def test_nag_combine_zero_norm_guard():
         z = ref.nag_combine(zp, zn, setting)
         assert torch.isfinite(z).all()
         expected, _ = formula64(zp, zn, 2.0, 2.5, 0.5, norm)
-        torch.testing.assert_close(z.double(), expected, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(z[0, 1], 0.5 * (-zn[0, 1]), rtol=1e-6, atol=1e-6)  # Zh = Zt
-        torch.testing.assert_close(z[1, 2], 0.5 * zp[1, 2], rtol=1e-6, atol=1e-6)     # Zt = 0
+        assert_close(z, expected)
+        assert_close(z[0, 1], 0.5 * (-zn[0, 1]))  # Zh = Zt
+        assert_close(z[1, 2], 0.5 * zp[1, 2])     # Zt = 0
         assert (z[1, 3] == 0).all()
 
 
@@ -504,7 +504,7 @@ def test_nag_with_perturbations_combine_and_leave_model_untouched(family):
     for b in with_nag[2:]:
         expected = expected + b.scale * (c - b.prediction.double())
     out = nag_run(family, grt.Guidance(grt.CFG(scale=4.0), *terms, nag))
-    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    assert_close(out, expected, effect=expected - c)
     assert_same_state(before, snapshot(model))
 
 
