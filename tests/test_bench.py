@@ -53,6 +53,41 @@ def test_peers_side_by_side(unet_rows):
         assert head in table
 
 
+def test_vs_peer_and_the_summary(unet_rows):
+    """vs peer = the peer's ms / guidance-rt's ms; guidance-rt's row shows the fastest working peer."""
+    ours = _by(unet_rows, "CFG+PAG(mid)", "guidance-rt")
+    peers = [_by(unet_rows, "CFG+PAG(mid)", p) for p in ("diffusers-pipelines", "diffusers-guiders")]
+    for p in peers:
+        assert p["vs_peer"] == pytest.approx(p["median_ms"] / ours["median_ms"])
+    fastest = min(peers, key=lambda p: p["median_ms"])
+    assert (ours["vs_peer"], ours["vs_peer_impl"]) == (fastest["vs_peer"], fastest["implementation"])
+    assert _by(unet_rows, "CFG+SEG(mid,inf)", "diffusers-guiders")["vs_peer"] is None   # applies nothing
+    text = bench.summary(unet_rows)
+    pag = next(line for line in text.splitlines() if "CFG+PAG(mid):" in line)
+    assert f"{peers[0]['vs_peer']:.2f}x diffusers-pipelines" in pag and "x diffusers-guiders" in pag
+    seg = next(line for line in text.splitlines() if "CFG+SEG(mid,inf):" in line)
+    assert "diffusers-guiders applies nothing" in seg and "diffusers-pipelines has no such method" in seg
+    assert "vs peer" in bench.format_table(unet_rows)
+
+
+@pytest.mark.parametrize("second_round,flagged", [([10.0, 10.1, 10.0, 10.2], False),
+                                                  ([10.0, 30.0, 5.0, 20.0], True)])
+def test_noisy_rows_are_retimed_then_flagged(monkeypatch, second_round, flagged):
+    """A timing whose IQR exceeds 20% of its median is timed again with its baseline; if still
+    that noisy, the table flags it instead of presenting the figure as a result."""
+    times = {"base": iter([10.0] * 8), "noisy": iter([10.0, 40.0, 5.0, 25.0] + second_round)}
+    monkeypatch.setattr(bench, "time_calls", lambda fn, inputs, **kw: [next(times[fn])])
+    rows = [dict(dict.fromkeys(bench.COLUMNS), implementation=impl, batch=1, steps=30, status="ok", reason="",
+                 _baseline=("guidance-rt", "g0")) for impl in ("guidance-rt", "reference")]
+    baselines = {("guidance-rt", "g0"): rows[0]}
+    timed = [(rows[0], bench.Prepared(None), "base"), (rows[1], bench.Prepared(None), "noisy")]
+    bench._time_interleaved(timed, [{}], 4, "cpu")
+    assert rows[1]["noisy"] and not rows[0]["noisy"]
+    bench._retime_noisy(timed, baselines, [{}], 4, "cpu")
+    assert rows[1]["times_ms"] == second_round and rows[0]["times_ms"] == [10.0] * 4   # both re-timed
+    assert rows[1]["noisy"] is flagged
+
+
 def test_failing_and_noop_peers_are_missing(monkeypatch):
     def crashing(ctx, g):
         def fn(inp):
