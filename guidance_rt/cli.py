@@ -24,6 +24,27 @@ def _dtype(name: str):
     return choices[name]
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _seed(text: str) -> int:
+    """argparse type for bench and layers, which seed generators with seed + small offsets."""
+    value = _count(0)(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63 (generator seeds), got {value}")
+    return value
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -37,6 +58,13 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _fail(command: str, err: BaseException) -> int:
     print(f"guidance-rt {command}: {err}", file=sys.stderr)
     return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error: "<prog>: <message>", exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------------------------------- bench
@@ -60,18 +88,18 @@ def add_bench(sub) -> None:
                         "default: the standard set of the preset's family")
     p.add_argument("--batch", type=_int_list, default=(1,), metavar="B[,B...]",
                    help="batch sizes, e.g. 1,4,8 (throughput in images/s per size)")
-    p.add_argument("--steps", type=int, default=30,
+    p.add_argument("--steps", type=_count(1), default=30,
                    help="sampling steps of the run a step belongs to: terms' windows and img/s")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls (default 10 CPU, 50 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 2 CPU, 10 CUDA)")
+    p.add_argument("--repeats", type=_count(1), default=None, help="timed calls (default 10 CPU, 50 CUDA)")
+    p.add_argument("--warmup", type=_count(0), default=None, help="warm-up calls (default 2 CPU, 10 CUDA)")
     p.add_argument("--dtype", type=_dtype, default="float32", help="float32, float16 or bfloat16")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each implementation's step")
     p.add_argument("--impl", action="append", choices=IMPLEMENTATIONS,
                    help="implementations to run (repeatable; default all)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_count(1), default=None,
                    help="CPU intra-op threads (default: 1 for tiny presets, else torch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="0 <= S < 2**63")
     p.add_argument("--json", metavar="FILE", help="write every row and the environment as JSON")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
@@ -89,8 +117,6 @@ def run_bench(args) -> int:
                          device=args.device, compile=args.compile, seed=args.seed,
                          implementations=tuple(args.impl or bench.IMPLEMENTATIONS),
                          progress=args.progress, threads=args.threads)
-    if opts.steps < 1 or (opts.repeats is not None and opts.repeats < 1):
-        return _fail("bench", ValueError("--steps and --repeats must be >= 1"))
     env = bench.environment(opts.device)
     dev = env["device"]
     where = (f"{bench.cpu_threads(opts)} of {dev.get('cores')} threads" if env["device_type"] == "cpu"
@@ -199,14 +225,14 @@ def add_layers(sub) -> None:
     p.add_argument("--pairs", default=None, help="JSON prompt pairs (default: the shipped visible-text pairs)")
     p.add_argument("--out", default="guidance-rt-layers", help="output folder (default guidance-rt-layers)")
     p.add_argument("--mode", default="both", choices=["cosine", "skip", "both"])
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 4 bare, 28 pipeline)")
+    p.add_argument("--steps", type=_count(1), default=None, help="sampling steps (default 4 bare, 28 pipeline)")
     p.add_argument("--capture-step", type=int, action="append", dest="capture_steps", metavar="I",
                    help="step index to capture (repeatable; default -1, the last)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-pairs", type=int, default=4, help="pairs per packed forward")
-    p.add_argument("--skip-chunk", type=int, default=8, help="skipped layers per packed forward")
+    p.add_argument("--seed", type=_seed, default=0, help="0 <= S < 2**63")
+    p.add_argument("--batch-pairs", type=_count(1), default=4, help="pairs per packed forward")
+    p.add_argument("--skip-chunk", type=_count(1), default=8, help="skipped layers per packed forward")
     p.add_argument("--skip-layers", default=None, help="restrict skip mode to these layers, e.g. 0-18")
-    p.add_argument("--top", type=int, default=5, help="candidates to report and mark")
+    p.add_argument("--top", type=_count(1), default=5, help="candidates to report and mark")
     p.add_argument("--full-captures", action="store_true", help="also save the full attention outputs")
     p.add_argument("--dtype", type=_dtype, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None)
@@ -228,8 +254,8 @@ SUBCOMMANDS = [add_bench, add_generate, add_spec, add_layers]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guidance-rt", description="Training-free guidance for "
-                                     "diffusion models, every branch in one packed forward.")
+    parser = _Parser(prog="guidance-rt", description="Training-free guidance for "
+                     "diffusion models, every branch in one packed forward.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
@@ -237,7 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:   # --help, or a usage error already reported: its exit status
+        return e.code
     return args.run(args)
 
 
