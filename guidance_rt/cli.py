@@ -150,7 +150,7 @@ def add_generate(sub) -> None:
         "generate", help="generate images with a stock diffusers pipeline under guided()",
         description="Generate with guidance-rt around the model's stock diffusers pipeline; the "
                     "settings go into each PNG so that --from-image reproduces it.")
-    src = p.add_mutually_exclusive_group()
+    src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local pipeline folder (save_pretrained) or Hugging Face hub id")
     src.add_argument("--preset", help="a tiny preset pipeline with random weights (tiny-sd15, tiny-sdxl, "
                                       "tiny-sd3, tiny-sd35, tiny-flux): smoke tests")
@@ -158,13 +158,15 @@ def add_generate(sub) -> None:
                      "(options given here override them)")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt")
-    p.add_argument("--nag-negative-prompt", help="the prompt NAG guides away from (default: the "
-                                                 "negative prompt, else empty)")
+    p.add_argument("--nag-negative-prompt", help="the prompt NAG guides away from (NAG needs one: default "
+                                                 "--negative-prompt when given; \"\" for an empty one)")
     p.add_argument("--guidance", metavar="SPEC", help=GUIDANCE_HELP + " (default: CFG for the family)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--size", metavar="WxH", help="image size in pixels (default: the model's)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch", type=int, help="images per prompt")
+    p.add_argument("--steps", type=int, help="1 to 10000 (default 30)")
+    p.add_argument("--size", metavar="WxH", help="image size in pixels, multiples of the model's factor "
+                                                "(8 UNet, 16 SD3 and FLUX; default: the model's)")
+    p.add_argument("--seed", type=int, help="0 <= S and S + B - 1 < 2**64 (image i of a batch is "
+                                           "seeded S + i; default 0)")
+    p.add_argument("--batch", type=int, help="images per prompt (1 to 1024)")
     p.add_argument("--grid", nargs="+", metavar="PARAM=v1,v2",
                    help="comparison grid over guidance parameters, e.g. pag.scale=0,1.5,3 "
                         "seg.sigma=1,inf (term.field; a term alone means its scale; list values in "
@@ -173,6 +175,9 @@ def add_generate(sub) -> None:
                                  "-<index> is added before .png)")
     p.add_argument("--dtype", type=_dtype, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None)
+    p.add_argument("--allow-download", action="store_true",
+                   help="let --from-image download the hub model its PNG names (without it, only a "
+                        "model already in the hub cache or a local folder is used)")
     p.set_defaults(run=run_generate)
 
 
@@ -193,17 +198,27 @@ def run_generate(args) -> int:
 def add_spec(sub) -> None:
     p = sub.add_parser("spec", help="check a guidance spec; print its canonical form and JSON")
     p.add_argument("guidance", nargs="+", help=GUIDANCE_HELP + " (several arguments are joined)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", help="also check layers and fields against this preset's model "
+                                        "(built without weights)")
+    model.add_argument("--model", help="also check against this pipeline folder's (or cached hub "
+                                       "model's) denoiser, from its configs; nothing is downloaded")
     p.set_defaults(run=run_spec)
 
 
 def run_spec(args) -> int:
-    from . import spec
+    from . import generate, spec
 
     try:
         g = spec.load_guidance(" ".join(args.guidance))
-    except spec.SpecError as e:
-        return _fail("spec", e)
-    print(spec.format_spec(g))
+        text = spec.format_spec(g)
+        if args.preset or args.model:
+            info = generate.inspect_model(generate.Settings(preset=args.preset, model=args.model),
+                                          no_download="guidance-rt spec does not download")
+            generate.check_guidance(info, [g])
+    except (ValueError, KeyError, generate.ModelMissing) as e:
+        return _fail("spec", e.args[0] if isinstance(e, KeyError) and e.args else e)
+    print(text)
     print(spec.to_json(g, indent=2))
     return 0
 
