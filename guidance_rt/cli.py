@@ -24,6 +24,27 @@ def _dtype(name: str):
     return choices[name]
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _seed(text: str) -> int:
+    """argparse type for bench and layers, which seed generators with seed + small offsets."""
+    value = _count(0)(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63 (generator seeds), got {value}")
+    return value
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -37,6 +58,13 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _fail(command: str, err: BaseException) -> int:
     print(f"guidance-rt {command}: {err}", file=sys.stderr)
     return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error: "<prog>: <message>", exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------------------------------- bench
@@ -60,18 +88,18 @@ def add_bench(sub) -> None:
                         "default: the standard set of the preset's family")
     p.add_argument("--batch", type=_int_list, default=(1,), metavar="B[,B...]",
                    help="batch sizes, e.g. 1,4,8 (throughput in images/s per size)")
-    p.add_argument("--steps", type=int, default=30,
+    p.add_argument("--steps", type=_count(1), default=30,
                    help="sampling steps of the run a step belongs to: terms' windows and img/s")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls (default 10 CPU, 50 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 2 CPU, 10 CUDA)")
+    p.add_argument("--repeats", type=_count(1), default=None, help="timed calls (default 10 CPU, 50 CUDA)")
+    p.add_argument("--warmup", type=_count(0), default=None, help="warm-up calls (default 2 CPU, 10 CUDA)")
     p.add_argument("--dtype", type=_dtype, default="float32", help="float32, float16 or bfloat16")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile each implementation's step")
     p.add_argument("--impl", action="append", choices=IMPLEMENTATIONS,
                    help="implementations to run (repeatable; default all)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_count(1), default=None,
                    help="CPU intra-op threads (default: 1 for tiny presets, else torch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="0 <= S < 2**63")
     p.add_argument("--json", metavar="FILE", help="write every row and the environment as JSON")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
@@ -89,8 +117,6 @@ def run_bench(args) -> int:
                          device=args.device, compile=args.compile, seed=args.seed,
                          implementations=tuple(args.impl or bench.IMPLEMENTATIONS),
                          progress=args.progress, threads=args.threads)
-    if opts.steps < 1 or (opts.repeats is not None and opts.repeats < 1):
-        return _fail("bench", ValueError("--steps and --repeats must be >= 1"))
     env = bench.environment(opts.device)
     dev = env["device"]
     where = (f"{bench.cpu_threads(opts)} of {dev.get('cores')} threads" if env["device_type"] == "cpu"
@@ -124,7 +150,7 @@ def add_generate(sub) -> None:
         "generate", help="generate images with a stock diffusers pipeline under guided()",
         description="Generate with guidance-rt around the model's stock diffusers pipeline; the "
                     "settings go into each PNG so that --from-image reproduces it.")
-    src = p.add_mutually_exclusive_group()
+    src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local pipeline folder (save_pretrained) or Hugging Face hub id")
     src.add_argument("--preset", help="a tiny preset pipeline with random weights (tiny-sd15, tiny-sdxl, "
                                       "tiny-sd3, tiny-sd35, tiny-flux): smoke tests")
@@ -132,13 +158,15 @@ def add_generate(sub) -> None:
                      "(options given here override them)")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt")
-    p.add_argument("--nag-negative-prompt", help="the prompt NAG guides away from (default: the "
-                                                 "negative prompt, else empty)")
+    p.add_argument("--nag-negative-prompt", help="the prompt NAG guides away from (NAG needs one: default "
+                                                 "--negative-prompt when given; \"\" for an empty one)")
     p.add_argument("--guidance", metavar="SPEC", help=GUIDANCE_HELP + " (default: CFG for the family)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--size", metavar="WxH", help="image size in pixels (default: the model's)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch", type=int, help="images per prompt")
+    p.add_argument("--steps", type=int, help="1 to 10000 (default 30)")
+    p.add_argument("--size", metavar="WxH", help="image size in pixels, multiples of the model's factor "
+                                                "(8 UNet, 16 SD3 and FLUX; default: the model's)")
+    p.add_argument("--seed", type=int, help="0 <= S and S + B - 1 < 2**64 (image i of a batch is "
+                                           "seeded S + i; default 0)")
+    p.add_argument("--batch", type=int, help="images per prompt (1 to 1024)")
     p.add_argument("--grid", nargs="+", metavar="PARAM=v1,v2",
                    help="comparison grid over guidance parameters, e.g. pag.scale=0,1.5,3 "
                         "seg.sigma=1,inf (term.field; a term alone means its scale; list values in "
@@ -147,6 +175,9 @@ def add_generate(sub) -> None:
                                  "-<index> is added before .png)")
     p.add_argument("--dtype", type=_dtype, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None)
+    p.add_argument("--allow-download", action="store_true",
+                   help="let --from-image download the hub model its PNG names (without it, only a "
+                        "model already in the hub cache or a local folder is used)")
     p.set_defaults(run=run_generate)
 
 
@@ -167,17 +198,27 @@ def run_generate(args) -> int:
 def add_spec(sub) -> None:
     p = sub.add_parser("spec", help="check a guidance spec; print its canonical form and JSON")
     p.add_argument("guidance", nargs="+", help=GUIDANCE_HELP + " (several arguments are joined)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", help="also check layers and fields against this preset's model "
+                                        "(built without weights)")
+    model.add_argument("--model", help="also check against this pipeline folder's (or cached hub "
+                                       "model's) denoiser, from its configs; nothing is downloaded")
     p.set_defaults(run=run_spec)
 
 
 def run_spec(args) -> int:
-    from . import spec
+    from . import generate, spec
 
     try:
         g = spec.load_guidance(" ".join(args.guidance))
-    except spec.SpecError as e:
-        return _fail("spec", e)
-    print(spec.format_spec(g))
+        text = spec.format_spec(g)
+        if args.preset or args.model:
+            info = generate.inspect_model(generate.Settings(preset=args.preset, model=args.model),
+                                          no_download="guidance-rt spec does not download")
+            generate.check_guidance(info, [g])
+    except (ValueError, KeyError, generate.ModelMissing) as e:
+        return _fail("spec", e.args[0] if isinstance(e, KeyError) and e.args else e)
+    print(text)
     print(spec.to_json(g, indent=2))
     return 0
 
@@ -199,14 +240,14 @@ def add_layers(sub) -> None:
     p.add_argument("--pairs", default=None, help="JSON prompt pairs (default: the shipped visible-text pairs)")
     p.add_argument("--out", default="guidance-rt-layers", help="output folder (default guidance-rt-layers)")
     p.add_argument("--mode", default="both", choices=["cosine", "skip", "both"])
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 4 bare, 28 pipeline)")
+    p.add_argument("--steps", type=_count(1), default=None, help="sampling steps (default 4 bare, 28 pipeline)")
     p.add_argument("--capture-step", type=int, action="append", dest="capture_steps", metavar="I",
                    help="step index to capture (repeatable; default -1, the last)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-pairs", type=int, default=4, help="pairs per packed forward")
-    p.add_argument("--skip-chunk", type=int, default=8, help="skipped layers per packed forward")
+    p.add_argument("--seed", type=_seed, default=0, help="0 <= S < 2**63")
+    p.add_argument("--batch-pairs", type=_count(1), default=4, help="pairs per packed forward")
+    p.add_argument("--skip-chunk", type=_count(1), default=8, help="skipped layers per packed forward")
     p.add_argument("--skip-layers", default=None, help="restrict skip mode to these layers, e.g. 0-18")
-    p.add_argument("--top", type=int, default=5, help="candidates to report and mark")
+    p.add_argument("--top", type=_count(1), default=5, help="candidates to report and mark")
     p.add_argument("--full-captures", action="store_true", help="also save the full attention outputs")
     p.add_argument("--dtype", type=_dtype, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None)
@@ -228,8 +269,8 @@ SUBCOMMANDS = [add_bench, add_generate, add_spec, add_layers]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guidance-rt", description="Training-free guidance for "
-                                     "diffusion models, every branch in one packed forward.")
+    parser = _Parser(prog="guidance-rt", description="Training-free guidance for "
+                     "diffusion models, every branch in one packed forward.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
@@ -237,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:   # --help, or a usage error already reported: its exit status
+        return e.code
     return args.run(args)
 
 

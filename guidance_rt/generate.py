@@ -18,11 +18,20 @@ share a step configuration (they differ only in scales) form one group (``step_c
 and a group runs as one packed batch: one pipeline call whose images each have their own
 Guidance (``guided(pipe, [g_1, ..., g_n])``). A cell's PNG records its group (``pack``: every
 image's guidance) and its place in it, and ``--from-image`` re-runs the group.
+
+Checks, all before any weights load: a PNG's settings and the command line's go through one
+table, ``SCHEMA`` (type, range and check of every field; a PNG's problems read "corrupt
+guidance-rt metadata: <field>: <problem>", the command line's name the option). Then the model's
+family and blocks come from its configs alone (``inspect_model``: a meta-device denoiser), and
+``prepare`` checks the guidance, every grid cell and packed group, the size and NAG's negative
+prompt against them, as GuidedDenoiser and guided() will. A hub id read from a PNG is downloaded
+only with ``--allow-download``.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import itertools
 import json
 import math
@@ -48,7 +57,7 @@ class ModelMissing(Exception):
 class Settings:
     prompt: str = "a photo of a cat"
     negative_prompt: str | None = None
-    nag_negative_prompt: str | None = None  # NAG's negative (default: negative_prompt, else "")
+    nag_negative_prompt: str | None = None  # NAG's negative (needed when the guidance has NAG)
     guidance: str | None = None           # canonical spec string (None: the family's default)
     steps: int = 30
     width: int | None = None              # pixels (None: the model's default)
@@ -75,9 +84,272 @@ class Settings:
 
     @classmethod
     def from_json(cls, text: str) -> "Settings":
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Settings from their JSON, every field present and checked by SCHEMA (SettingsError)."""
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise SettingsError("not valid JSON: nested too deeply") from None
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"not valid JSON: {e}") from None
+        except ValueError:   # the one other: an integer beyond Python's 4300-digit conversion limit
+            raise SettingsError("not valid JSON for Python: an integer of more than 4300 digits") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"expected a JSON object of settings, got {_json_type(data)}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise SettingsError(f"unknown field {_show(unknown[0])} (fields: {', '.join(names)})")
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise SettingsError("missing", missing[0])
+        settings = cls(**data)
+        validate(settings)
+        return settings
+
+
+# ------------------------------------------------------------------------------------ checks
+
+MAX_SEED = 2**64 - 1       # torch.Generator.manual_seed takes 0 <= seed < 2**64
+MAX_STEPS = 10_000
+MAX_SIDE = 16_384          # pixels
+MAX_BATCH = 1_024
+MAX_THREADS = 1_024
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+MAX_CONFIG_INT = 10**6     # scheduler config integers (num_train_timesteps sizes its arrays)
+
+
+class SettingsError(ValueError):
+    """A bad Settings value: ``field`` (None: the settings as a whole) and ``problem``."""
+
+    def __init__(self, problem: str, field: str | None = None):
+        self.problem, self.field = problem, field
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "an object", None: "null"}
+
+
+def _json_type(value) -> str:
+    return _TYPE_NAMES.get(None if value is None else type(value), type(value).__name__)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_problem(value, types: tuple) -> str | None:
+    if any(value is None if t is None else isinstance(value, t) and not (t is int and isinstance(value, bool))
+           for t in types):
+        return None
+    wanted = " or ".join(_TYPE_NAMES[t] for t in types)
+    return f"must be {wanted}, got {_json_type(value)} {_show(value)}"
+
+
+def _between(lo: int, hi: int):
+    def check(value, s):
+        return None if lo <= value <= hi else f"must be between {lo} and {hi}, got {_show(value)}"
+    return check
+
+
+def _one_of(*choices: str):
+    def check(value, s):
+        return None if value in choices else f"must be one of {', '.join(choices)}, got {_show(value)}"
+    return check
+
+
+def _spec_problem(text: str) -> str | None:
+    try:
+        spec_mod.parse_spec(text)
+    except spec_mod.SpecError as e:
+        return f"not a guidance spec: {e.reason}"
+    return None
+
+
+def _check_guidance_json(value, s):
+    try:
+        g = spec_mod.from_dict(value)
+    except spec_mod.SpecError as e:
+        return e.reason
+    if s.guidance is None or g != spec_mod.parse_spec(s.guidance):
+        return f"{spec_mod.format_spec(g)!r} does not match guidance {s.guidance!r}"
+    return None
+
+
+def _check_seed(value, s):
+    last = 0 if s.pack else s.batch - 1     # image i of a batch is seeded seed + i (a pack: seed)
+    if 0 <= value <= MAX_SEED - last:
+        return None
+    why = f" and image i of the batch of {s.batch} is seeded seed + i" if last else ""
+    return f"must be between 0 and {MAX_SEED - last} (torch.Generator seeds are below 2**64{why}), got {value}"
+
+
+def _check_index(value, s):
+    if 0 <= value < s.batch:
+        return None
+    return f"must be between 0 and {s.batch - 1} (batch {s.batch}), got {value}"
+
+
+def _check_pack(value, s):
+    from .denoiser import check_per_sample
+
+    if not all(isinstance(v, str) for v in value):
+        return "must be a list of guidance specs"
+    if len(value) != s.batch:
+        return f"has {len(value)} guidance specs but the batch has {s.batch} images"
+    problem = next(filter(None, map(_spec_problem, value)), None)
+    if problem:
+        return problem
+    try:
+        check_per_sample([spec_mod.parse_spec(v) for v in value])
+    except ValueError as e:
+        return str(e)
+    if value[s.index] != s.guidance:
+        return f"image {s.index}'s entry {value[s.index]!r} is not its guidance {s.guidance!r}"
+    return None
+
+
+def _check_model(value, s):
+    if not value.strip():
+        return "must not be empty"
+    return f"both a model and a preset ({s.preset!r}) are set" if s.preset is not None else None
+
+
+def _check_preset(value, s):
+    from .presets import PRESETS
+
+    tiny = [name for name, p in PRESETS.items() if p.tiny]
+    if value not in tiny:
+        return (f"{value!r} is not a tiny preset; generate builds {', '.join(tiny)} (random weights); a "
+                "real model goes in --model")
+    return None
+
+
+def _check_device(value, s):
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        return f"{_show(value)} is not a device name (cpu, cuda, cuda:1, mps)"
+    if device.type not in DEVICE_TYPES:
+        return f"device type must be one of {', '.join(DEVICE_TYPES)}, got {_show(value)}"
+    return None
+
+
+def _check_scheduler(value, s):
+    import diffusers
+
+    if set(value) != {"class", "config"}:
+        return 'must be {"class": NAME, "config": {...}}, got keys ' + _show(sorted(value))
+    name, config = value["class"], value["config"]
+    cls = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)
+            and cls is not diffusers.SchedulerMixin):
+        return (f"class {_show(name)} is not a diffusers scheduler (a SchedulerMixin subclass) "
+                "available here")
+    if not isinstance(config, dict):
+        return f"config must be an object, got {_json_type(config)}"
+    params = inspect.signature(cls.__init__).parameters
+    for key, v in config.items():
+        default = params[key].default if key in params else None
+        problem = _config_value_problem(v, default)
+        if problem:
+            return f"config {key}: {problem}"
+    try:
+        cls.from_config(config)
+    except Exception as e:  # a diffusers constructor given a config from outside: any error type
+        return f"{name}.from_config rejects the config: {type(e).__name__}: {_first_line(e)}"
+    return None
+
+
+def _config_value_problem(value, default) -> str | None:
+    """A scheduler config value of the wrong JSON type for its parameter (the type of the
+    parameter's default), not finite, or an integer large enough to size huge arrays."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be finite, got {value}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+        return f"must be at most {MAX_CONFIG_INT} in size, got {_show(value)}"
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,),
+                tuple: (list,)}.get(type(default))
+    if expected is not None:
+        return _type_problem(value, expected)
+    return None
+
+
+def _check_grid(value, s):
+    if not all(isinstance(v, str) for v in value):
+        return "must be a list of PARAM=v1,v2,... strings"
+    if s.batch != 1:
+        return f"makes one image per cell, so the batch must be 1, got {s.batch}"
+    try:
+        parse_grid(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _check_versions(value, s):
+    bad = [k for k, v in value.items() if not isinstance(v, (str, type(None)))]
+    return f"{bad[0]} must be a version string or null" if bad else None
+
+
+def _check_pipeline(value, s):
+    from .pipelines import SUPPORTED_PIPELINES
+
+    return _one_of(*SUPPORTED_PIPELINES)(value, s)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A Settings field: the JSON types its value may have (None: null), a check of a value of
+    those types, null apart (returns the problem or None; sees the fields checked before it), and
+    the generate option that sets it (named in problems with the command line's values)."""
+
+    types: tuple
+    check: Callable[[Any, Settings], str | None] | None = None
+    flag: str | None = None
+
+
+# Every field of Settings, in the order they are checked (a check may read the fields above it).
+SCHEMA: dict[str, Rule] = {
+    "prompt": Rule((str,), None, "--prompt"),
+    "negative_prompt": Rule((str, None), None, "--negative-prompt"),
+    "nag_negative_prompt": Rule((str, None), None, "--nag-negative-prompt"),
+    "guidance": Rule((str, None), lambda v, s: _spec_problem(v), "--guidance"),
+    "guidance_json": Rule((dict, None), _check_guidance_json),
+    "steps": Rule((int,), _between(1, MAX_STEPS), "--steps"),
+    "width": Rule((int, None), _between(1, MAX_SIDE), "--size width"),
+    "height": Rule((int, None), _between(1, MAX_SIDE), "--size height"),
+    "batch": Rule((int,), _between(1, MAX_BATCH), "--batch"),
+    "index": Rule((int,), _check_index),
+    "pack": Rule((list, None), _check_pack),
+    "seed": Rule((int,), _check_seed, "--seed"),
+    "preset": Rule((str, None), _check_preset, "--preset"),
+    "model": Rule((str, None), _check_model, "--model"),
+    "dtype": Rule((str, None), _one_of(*DTYPES), "--dtype"),
+    "device": Rule((str, None), _check_device, "--device"),
+    "threads": Rule((int, None), _between(1, MAX_THREADS)),
+    "scheduler": Rule((dict, None), _check_scheduler),
+    "pipeline": Rule((str, None), _check_pipeline),
+    "grid": Rule((list, None), _check_grid, "--grid"),
+    "label": Rule((str, None)),
+    "versions": Rule((dict,), _check_versions),
+}
+
+
+def validate(settings: Settings, *, by_flag: bool = False) -> None:
+    """Check every field with SCHEMA; the first problem is a SettingsError naming the field (with
+    `by_flag`, the option that sets it, for settings from a command line)."""
+    for name, rule in SCHEMA.items():
+        value = getattr(settings, name)
+        problem = _type_problem(value, rule.types)
+        if problem is None and value is not None and rule.check is not None:
+            problem = rule.check(value, settings)
+        if problem:
+            raise SettingsError(problem, (rule.flag or name) if by_flag else name)
+    if settings.model is None and settings.preset is None:
+        raise SettingsError("neither a model nor a preset is given", "model")
 
 
 # ------------------------------------------------------------------------------------ models
@@ -100,51 +372,151 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def missing_model_message(model: str, reason: str) -> str:
+def missing_model_message(model: str, reason: str, no_download: str | None = None) -> str:
+    """One line: why `model` is not here and what to do. `no_download`: why downloads are off."""
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
-    return (f"model {model!r} is not on this machine"
-            + (" (HF_HUB_OFFLINE is set, so nothing is downloaded)" if offline else
-               " and could not be downloaded") + f": {reason}\n"
-            f"Download it first (`huggingface-cli download {model}`, then it is found in the hub "
-            "cache), or point --model at a local folder holding a diffusers pipeline saved with "
-            "save_pretrained (model_index.json with unet/ or transformer/ subfolders). "
-            "`--preset tiny-sdxl` runs without any weights (random, for smoke tests).")
+    why = (f" ({no_download})" if no_download else
+           " (HF_HUB_OFFLINE is set, so nothing is downloaded)" if offline else " and could not be downloaded")
+    return (f"model {model!r} is not on this machine{why}: {reason}. Download it first "
+            f"(`huggingface-cli download {model}`, then it is found in the hub cache), or point --model at "
+            "a local folder holding a diffusers pipeline saved with save_pretrained (model_index.json with "
+            "unet/ or transformer/ subfolders); `--preset tiny-sdxl` runs without any weights (random, "
+            "for smoke tests)")
 
 
-def load_pipeline(settings: Settings, dtype: torch.dtype, device: torch.device):
+def _first_line(err: BaseException) -> str:
+    text = str(err)
+    return (text.splitlines()[0].rstrip(".") if text else type(err).__name__)[:300]
+
+
+def _read_config(model: str, filename: str, no_download: str | None) -> dict:
+    """A JSON config of a pipeline folder or hub model (from the hub cache only if `no_download`)."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        file = os.path.join(path, filename)
+        if not os.path.isfile(file):
+            if filename == "model_index.json":
+                raise ValueError(f"{model} is not a diffusers pipeline folder (no model_index.json); save "
+                                 "one with pipe.save_pretrained(folder)")
+            raise ValueError(f"{model} has no {filename}")
+    elif _looks_like_path(model):
+        raise ModelMissing(f"model folder {model!r} does not exist; --model takes a local pipeline folder "
+                           "(save_pretrained) or a Hugging Face hub id")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = hf_hub_download(model, filename, local_files_only=no_download is not None)
+        except (OSError, ValueError) as e:   # not cached / no network / not a valid repo id
+            raise ModelMissing(missing_model_message(model, _first_line(e), no_download)) from None
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{model}: cannot read {filename}: {_first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{model}: {filename} is not a JSON object")
+    return data
+
+
+@dataclass
+class ModelInfo:
+    """What generate checks before loading any weights, read from the preset's config or from
+    model_index.json and the denoiser's config.json."""
+
+    name: str                      # the preset or --model as given
+    family: str
+    pipeline: str                  # the stock pipeline class
+    denoiser: torch.nn.Module      # built on the meta device: every block, no weights
+    multiple: int                  # image sides must be multiples of this (VAE factor x patch)
+    max_side: int | None           # SD3: the largest side its position embedding covers, pixels
+
+
+def inspect_model(settings: Settings, no_download: str | None = None) -> ModelInfo:
+    """The model's family and block structure from configs alone (no weights, well under a
+    second): a preset's config, or a pipeline folder's / hub model's config files (read from the
+    hub cache only when `no_download` says why downloads are off)."""
+    import diffusers
+
+    from . import presets
+    from .layers import SUPPORTED_CLASSES, model_family
+    from .pipelines import SUPPORTED_PIPELINES
+
+    if settings.preset:
+        p = presets.get_preset(settings.preset)
+        name, vae_factor = p.name, presets._VAE_SCALE
+        denoiser = presets.build_model(p.name, device="meta")
+        # the stock pipeline presets.build_pipeline puts around this family
+        pipeline = {"unet": "StableDiffusionXLPipeline" if p.config.get("addition_embed_type") == "text_time"
+                    else "StableDiffusionPipeline",
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[p.family]
+    else:
+        name = settings.model
+        index = _read_config(name, "model_index.json", no_download)
+        pipeline = index.get("_class_name")
+        if pipeline not in SUPPORTED_PIPELINES:
+            raise ValueError(f"{name} is a {_show(pipeline)} pipeline, which guided() does not support; "
+                             f"supported: {', '.join(SUPPORTED_PIPELINES)}")
+        sub = "unet" if isinstance(index.get("unet"), list) else "transformer"
+        entry = index.get(sub)
+        cls_name = entry[-1] if isinstance(entry, list) and entry else None
+        if cls_name not in SUPPORTED_CLASSES:
+            raise ValueError(f"{name}: its {sub} is {cls_name!r}; guidance-rt serves "
+                             f"{', '.join(SUPPORTED_CLASSES)}")
+        config = _read_config(name, f"{sub}/config.json", no_download)
+        try:
+            with torch.device("meta"):
+                denoiser = getattr(diffusers, cls_name).from_config(config).eval()
+        except Exception as e:  # a diffusers constructor given a config from outside: any error type
+            raise ValueError(f"{name}: {sub}/config.json does not build a {cls_name}: "
+                             f"{_first_line(e)}") from None
+        channels = (_read_config(name, "vae/config.json", no_download) if index.get("vae") else {}).get(
+            "block_out_channels")
+        # the pipelines' vae_scale_factor: 2 ** (VAE levels - 1), 8 without a VAE
+        vae_factor = 2 ** (len(channels) - 1) if isinstance(channels, list) and channels else 8
+    family = model_family(denoiser)
+    patch = {"unet": 1, "sd3": denoiser.config.get("patch_size", 1), "flux": 2}[family]
+    grid = denoiser.config.get("pos_embed_max_size") if family == "sd3" else None
+    return ModelInfo(name, family, pipeline, denoiser, vae_factor * patch,
+                     grid * patch * vae_factor if grid else None)
+
+
+def load_pipeline(settings: Settings, dtype: torch.dtype, device: torch.device,
+                  no_download: str | None = None):
+    """The stock pipeline (inspect_model has checked the model first)."""
     from diffusers import DiffusionPipeline
 
     from . import presets
-    from .pipelines import SUPPORTED_PIPELINES
 
     if settings.preset:
         pipe = presets.build_pipeline(settings.preset, seed=0)
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
-    elif settings.model:
-        path = os.path.expanduser(settings.model)
-        if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, "model_index.json")):
-                raise ValueError(f"{settings.model} is not a diffusers pipeline folder (no model_index.json); "
-                                 "save one with pipe.save_pretrained(folder)")
-            pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
-        elif _looks_like_path(settings.model):
-            raise ModelMissing(f"model folder {settings.model!r} does not exist; --model takes a local "
-                               "pipeline folder (save_pretrained) or a Hugging Face hub id")
-        else:
-            try:
-                pipe = DiffusionPipeline.from_pretrained(settings.model, dtype=dtype)
-            except (OSError, ValueError, EnvironmentError) as e:
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise ModelMissing(missing_model_message(settings.model, reason[:300])) from None
     else:
-        raise ValueError("give --model (a local folder or hub id), --preset (a tiny preset) or --from-image")
-    if type(pipe).__name__ not in SUPPORTED_PIPELINES:
-        raise ValueError(f"{type(pipe).__name__} is not supported by guided(); supported: "
-                         f"{', '.join(SUPPORTED_PIPELINES)}")
+        path = os.path.expanduser(settings.model)
+        local = os.path.isdir(path)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path if local else settings.model, dtype=dtype,
+                                                     local_files_only=local or no_download is not None)
+        except (OSError, ValueError) as e:   # weights missing from the cache or the download
+            if local:
+                raise
+            raise ModelMissing(missing_model_message(settings.model, _first_line(e), no_download)) from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_device(device: torch.device) -> None:
+    """The device exists on this machine."""
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= n:
+            have = f"{n} CUDA device(s), cuda:0-cuda:{n - 1}" if n else "no CUDA device"
+            raise ValueError(f"--device: {device} is not on this machine ({have}); pass --device cpu"
+                             + (" or one of those" if n else ""))
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device: mps is not available on this machine; pass --device cpu")
 
 
 def _denoiser(pipe):
@@ -166,17 +538,16 @@ def default_size(pipe) -> tuple[int, int]:
 
 
 def _apply_scheduler(pipe, scheduler: dict | None):
-    if not scheduler:
+    """A PNG's scheduler (SCHEMA checked that from_config takes it) on the pipeline it fits."""
+    if not scheduler or _scheduler_of(pipe) == scheduler:
         return
     import diffusers
 
-    current = {"class": type(pipe.scheduler).__name__, "config": json.loads(pipe.scheduler.to_json_string())}
-    if current == scheduler:
-        return
-    cls = getattr(diffusers, scheduler["class"], None)
-    if cls is None:
-        raise ValueError(f"unknown scheduler class {scheduler['class']!r}")
-    pipe.scheduler = cls.from_config(scheduler["config"])
+    compatible = sorted(c.__name__ for c in pipe.scheduler.compatibles)
+    if scheduler["class"] not in compatible:
+        raise ValueError(f"corrupt guidance-rt metadata: scheduler: {scheduler['class']} does not fit "
+                         f"{type(pipe).__name__}; compatible: {', '.join(compatible)}")
+    pipe.scheduler = getattr(diffusers, scheduler["class"]).from_config(scheduler["config"])
 
 
 def _scheduler_of(pipe) -> dict:
@@ -185,24 +556,85 @@ def _scheduler_of(pipe) -> dict:
 
 # ------------------------------------------------------------------------------------ running
 
-def resolve(settings: Settings, pipe) -> tuple[Settings, Guidance]:
-    """Fill in the model-dependent defaults; returns the complete settings and the Guidance."""
+def _check_size(s: Settings, info: ModelInfo) -> None:
+    m = info.multiple
+    sides = [v for v in (s.width, s.height) if v is not None]
+    size = f"{s.width or 'default'}x{s.height or 'default'}"
+    if any(v % m for v in sides):
+        near = "x".join("default" if v is None else str(max(m, round(v / m) * m)) for v in (s.width, s.height))
+        raise ValueError(f"size {size} does not fit {info.name} ({info.pipeline}): width and height must be "
+                         f"multiples of {m}; nearest: {near}")
+    if info.max_side and any(v > info.max_side for v in sides):
+        raise ValueError(f"size {size} does not fit {info.name}: its position embedding covers at most "
+                         f"{info.max_side} pixels a side")
+
+
+def check_guidance(info: ModelInfo, guidances: list[Guidance], settings: Settings | None = None) -> None:
+    """Everything GuidedDenoiser checks against the model's blocks (layers, every term field),
+    for guidances run together in one batch; with `settings`, also what guided() checks about the
+    pipeline call those settings make. ValueError naming the guidance."""
+    from .denoiser import GuidedDenoiser
+    from .pipelines import _check_arguments
+
+    try:
+        GuidedDenoiser(info.denoiser, guidances if len(guidances) > 1 else guidances[0])
+        if settings is not None:
+            _check_arguments(info.pipeline, info.pipeline, tuple(guidances),
+                             _call_kwargs(settings, info.family, guidances[0]))
+    except (ValueError, TypeError, NotImplementedError) as e:
+        more = f" (and {len(guidances) - 1} more run with it)" if len(guidances) > 1 else ""
+        raise ValueError(f"guidance {spec_mod.format_spec(guidances[0])!r}{more} does not fit "
+                         f"{info.name}: {e}") from None
+
+
+def prepare(settings: Settings, info: ModelInfo, explicit_negative: bool) -> tuple[Settings, Guidance]:
+    """Every check that needs the model's structure but no weights: the guidance (the family's
+    default when none is given) and each grid cell or packed group as GuidedDenoiser and guided()
+    take them, the image size, NAG's negative prompt. Returns the settings with the canonical
+    guidance and NAG's negative prompt, and the Guidance."""
     s = copy.deepcopy(settings)
-    family = _family(pipe)
-    text = s.guidance if s.guidance is not None else DEFAULT_GUIDANCE[family]
-    g = spec_mod.load_guidance(text)
-    s.guidance = spec_mod.format_spec(g)
-    s.guidance_json = spec_mod.to_dict(g)
-    if s.width is None or s.height is None:
-        w, h = default_size(pipe)
-        s.width, s.height = s.width or w, s.height or h
-    if getattr(g, "nag", None) is not None and s.nag_negative_prompt is None:
-        s.nag_negative_prompt = s.negative_prompt or ""
+    g = spec_mod.parse_spec(s.guidance if s.guidance is not None else DEFAULT_GUIDANCE[info.family])
+    s.guidance, s.guidance_json = spec_mod.format_spec(g), spec_mod.to_dict(g)
+    _check_size(s, info)
+    if s.grid is not None:
+        cells = plan_grid(s, g, parse_grid(s.grid))
+        runs = [[c.guidance for c in cells if c.group == k] for k in sorted({c.group for c in cells})]
+    else:
+        runs = [[spec_mod.parse_spec(text) for text in s.pack] if s.pack else [g]]
+    if s.nag_negative_prompt is None and any(x.nag is not None for run in runs for x in run):
+        if not explicit_negative:   # the API raises too: NAG without a negative prompt is a mistake
+            raise ValueError('NAG needs a negative prompt to guide away from: pass --nag-negative-prompt '
+                             'TEXT (--nag-negative-prompt "" for an empty one), or --negative-prompt TEXT to '
+                             'use that')
+        s.nag_negative_prompt = s.negative_prompt
+    for run in runs:
+        check_guidance(info, run, s)
+    return s, g
+
+
+def finish(settings: Settings, pipe) -> Settings:
+    """The settings only the loaded pipeline knows: default size, pipeline class, scheduler, CPU
+    threads and versions."""
+    s = copy.deepcopy(settings)
+    w, h = default_size(pipe)
+    s.width, s.height = s.width if s.width is not None else w, s.height if s.height is not None else h
     s.pipeline = type(pipe).__name__
     s.scheduler = _scheduler_of(pipe)
     s.threads = torch.get_num_threads() if _denoiser(pipe).device.type == "cpu" else None
     s.versions = _versions()
-    return s, g
+    return s
+
+
+def _call_kwargs(settings: Settings, family: str, first: Guidance) -> dict:
+    """The pipeline call's arguments, generators apart."""
+    negative = settings.negative_prompt
+    if family == "flux" and first.cfg is not None and negative is None:
+        negative = ""   # FLUX true CFG needs a negative prompt
+    kwargs: dict[str, Any] = dict(prompt=settings.prompt, num_inference_steps=settings.steps,
+                                  height=settings.height, width=settings.width)
+    if negative is not None:
+        kwargs["negative_prompt"] = negative
+    return kwargs
 
 
 def generate(pipe, settings: Settings, guidance: Guidance) -> list:
@@ -213,21 +645,14 @@ def generate(pipe, settings: Settings, guidance: Guidance) -> list:
     if settings.steps < 1 or settings.batch < 1:
         raise ValueError("--steps and --batch must be >= 1")
     if settings.pack:
-        guidance = [spec_mod.load_guidance(text) for text in settings.pack]
+        guidance = [spec_mod.parse_spec(text) for text in settings.pack]
         seeds = [settings.seed] * len(settings.pack)
     else:
         seeds = [settings.seed + i for i in range(settings.batch)]
     first = guidance[0] if isinstance(guidance, list) else guidance
-    family = _family(pipe)
-    negative = settings.negative_prompt
-    if family == "flux" and first.cfg is not None and negative is None:
-        negative = ""   # FLUX true CFG needs a negative prompt
     gens = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    kwargs: dict[str, Any] = dict(prompt=settings.prompt, num_inference_steps=settings.steps,
-                                  height=settings.height, width=settings.width,
-                                  num_images_per_prompt=len(seeds), generator=gens)
-    if negative is not None:
-        kwargs["negative_prompt"] = negative
+    kwargs = dict(_call_kwargs(settings, _family(pipe), first), num_images_per_prompt=len(seeds),
+                  generator=gens)
     extra = {}
     if first.nag is not None:
         extra["nag_negative_prompt"] = settings.nag_negative_prompt
@@ -257,13 +682,20 @@ def png_info(settings: Settings):
 
 
 def read_settings(path: str) -> Settings:
+    """A PNG's settings, every field checked (ValueError "corrupt guidance-rt metadata: ...")."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        text = getattr(im, "text", {}).get(METADATA_KEY) or im.info.get(METADATA_KEY)
+    try:
+        with Image.open(path) as im:
+            text = getattr(im, "text", {}).get(METADATA_KEY) or im.info.get(METADATA_KEY)
+    except Exception as e:  # Pillow reports damaged files as OSError, SyntaxError, EOFError, zlib.error, ...
+        raise ValueError(f"cannot read {path}: {_first_line(e)}") from None
     if not text:
         raise ValueError(f"{path} has no guidance-rt settings (it was not written by guidance-rt generate)")
-    return Settings.from_json(text)
+    try:
+        return Settings.from_json(text)
+    except SettingsError as e:
+        raise ValueError(f"corrupt guidance-rt metadata: {e}") from None
 
 
 def save(image, settings: Settings, path: str) -> str:
@@ -329,10 +761,11 @@ def parse_grid(items: list[str]) -> list[Axis]:
         parsed = []
         for t in texts:
             if t.startswith("[") and t.endswith("]"):
-                inner = t[1:-1]
-                parsed.append(spec_mod.parse_value(inner if "," in inner else inner + ","))
-            else:
+                t = t[1:-1] if "," in t else t[1:-1] + ","   # a bracketed value is a list
+            try:
                 parsed.append(spec_mod.parse_value(t))
+            except ValueError as e:
+                raise ValueError(f"--grid {item!r}: {e}") from None
         axes.append(Axis(f"{term}.{fld}", term, fld, parsed, texts))
     params = [a.param for a in axes]
     if len(set(params)) != len(params):
@@ -345,13 +778,15 @@ def cell_guidance(base: Guidance, assignment: list[tuple[Axis, Any]]) -> Guidanc
     for axis, value in assignment:
         cls = spec_mod.term_class(axis.term)
         idx = next((i for i, t in enumerate(terms) if type(t) is cls), None)
+        values = {} if idx is None else {k: getattr(terms[idx], k) for k in spec_mod.term_fields(cls)}
         try:
-            if idx is None:
-                terms.append(cls(**{axis.field: value}))
-            else:
-                terms[idx] = dataclasses.replace(terms[idx], **{axis.field: value})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"--grid {axis.param}={spec_mod.format_value(value)}: {e}") from None
+            term = spec_mod.build_term(cls, {**values, axis.field: value})
+        except spec_mod.SpecError as e:
+            raise ValueError(f"--grid {axis.param}={_show(value)}: {e.reason}") from None
+        if idx is None:
+            terms.append(term)
+        else:
+            terms[idx] = term
     # CFG with scale <= 1 is CFG off: no uncond branch (guided() wants scale > 1 or no CFG term)
     terms = [t for t in terms if not (type(t) is CFG and t.scale <= 1.0)]
     return Guidance(*terms)
@@ -459,29 +894,48 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _size(text: str) -> tuple[int, int]:
+    m = re.match(r"^(\d+)[xX](\d+)$", text.strip())
+    if not m:
+        raise ValueError(f"--size {_show(text)}: expected WxH in pixels, e.g. 1024x768")
+    try:
+        return int(m.group(1)), int(m.group(2))
+    except ValueError:   # beyond Python's 4300-digit conversion limit
+        raise ValueError(f"--size {_show(text)}: width and height must be between 1 and {MAX_SIDE}") from None
+
+
 def settings_from_args(args) -> Settings:
-    if getattr(args, "from_image", None):
+    """The settings a generate command line asks for: a PNG's (checked when read) with the
+    options given in their place, all checked with SCHEMA (problems name the option)."""
+    if args.from_image:
         s = read_settings(args.from_image)
         s.label = None
     else:
         s = Settings(model=args.model, preset=args.preset)
-    if s.pack and (getattr(args, "guidance", None) is not None or getattr(args, "batch", None) is not None):
-        s.pack, s.batch, s.index = None, 1, 0    # a new guidance or batch: not the grid group any more
-    for name in ("prompt", "negative_prompt", "nag_negative_prompt", "guidance", "steps", "seed", "batch"):
-        value = getattr(args, name, None)
+    if args.guidance is not None:
+        # canonical from here on: a spec from a PNG and one from the command line read alike
+        g = spec_mod.load_guidance(args.guidance)
+        try:
+            s.guidance, s.guidance_json = spec_mod.format_spec(g), None
+        except ValueError as e:
+            raise ValueError(f"--guidance: {e}") from None
+    if s.pack and (args.guidance is not None or args.batch is not None):
+        s.pack, s.batch = None, 1   # a new guidance or batch: not the grid group any more
+    if args.batch is not None:
+        s.index = 0                 # a new batch: every image of it is written
+    for name in ("prompt", "negative_prompt", "nag_negative_prompt", "steps", "seed", "batch"):
+        value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
-    if getattr(args, "size", None):
-        m = re.match(r"^(\d+)[xX](\d+)$", args.size.strip())
-        if not m:
-            raise ValueError(f"--size {args.size!r}: expected WxH in pixels, e.g. 1024x768")
-        s.width, s.height = int(m.group(1)), int(m.group(2))
-    if getattr(args, "grid", None):
+    if args.size:
+        s.width, s.height = _size(args.size)
+    if args.grid:
         s.grid = list(args.grid)
-    if getattr(args, "dtype", None) is not None:
+    if args.dtype is not None:
         s.dtype = _dtype_name(args.dtype)
-    if getattr(args, "device", None):
+    if args.device:
         s.device = args.device
+    validate(s, by_flag=True)
     return s
 
 
@@ -496,19 +950,18 @@ def main(args, log: Callable[[str], None] = print) -> list[str]:
 
 def _main(args, log: Callable[[str], None]) -> list[str]:
     s = settings_from_args(args)
-    from_image = getattr(args, "from_image", None)
-    reproduce = from_image and s.grid is None
+    from_image = args.from_image
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_device(device)
     dtype = getattr(torch, s.dtype) if s.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     s.device, s.dtype = str(device), _dtype_name(dtype)
-    if s.grid is not None:
-        axes = parse_grid(s.grid)   # errors before loading anything
-        if s.batch != 1:
-            raise ValueError("--grid makes one image per cell; use --batch 1")
-    if s.guidance is not None:
-        spec_mod.load_guidance(s.guidance)  # spec errors before loading the model
+    # a hub id read from a PNG is fetched only when asked for: a file should not start a download
+    no_download = (f"a model named in {from_image} is downloaded only with --allow-download"
+                   if from_image and not args.allow_download else None)
+    info = inspect_model(s, no_download)
+    s, guidance = prepare(s, info, explicit_negative=args.negative_prompt is not None)
     stored = copy.deepcopy(s)
-    pipe = load_pipeline(s, dtype, device)
+    pipe = load_pipeline(s, dtype, device, no_download)
     if from_image:
         _apply_scheduler(pipe, stored.scheduler)
         if stored.threads and device.type == "cpu":
@@ -516,11 +969,12 @@ def _main(args, log: Callable[[str], None]) -> list[str]:
         if stored.versions and stored.versions != _versions():
             log(f"note: {from_image} was made with {stored.versions}; bit-identical reproduction "
                 "needs the same versions, device and dtype")
-    s, guidance = resolve(s, pipe)
-    out = getattr(args, "out", None) or (
+    s = finish(s, pipe)
+    out = args.out or (
         os.path.splitext(from_image)[0] + "-again.png" if from_image else
         "guidance-rt-grid.png" if s.grid else "guidance-rt.png")
     if s.grid is not None:
+        axes = parse_grid(s.grid)
         cells = plan_grid(s, guidance, axes)
         run_grid(pipe, cells, log)
         grid = compose_grid(cells, axes, title=f"{s.prompt} | {s.guidance} | seed {s.seed}")
@@ -532,8 +986,9 @@ def _main(args, log: Callable[[str], None]) -> list[str]:
     log(f"{s.pipeline}: {s.prompt!r}, guidance {s.guidance or '(none)'}, {s.steps} steps, "
         f"{s.width}x{s.height}, seed {s.seed}, batch {s.batch}")
     images = generate(pipe, s, guidance)
+    # --from-image writes the image it was (unless --batch asks for a new batch)
+    one = from_image and args.batch is None
     paths = []
-    one = reproduce and 0 <= s.index < len(images)   # --from-image: the image it was
     for i in ([s.index] if one else range(len(images))):
         si = copy.deepcopy(s)
         si.index = i

@@ -58,20 +58,25 @@ from .terms import Guidance, Term
 
 __all__ = ["SpecError", "parse_spec", "format_spec", "format_term", "to_json", "from_json",
            "from_dict", "to_dict", "load_guidance", "term_names", "term_class", "term_fields",
-           "format_value", "parse_value", "jsonable"]
+           "build_term", "format_value", "parse_value", "jsonable"]
 
+# one way to match each number (no `\d+\.?\d*`): an ambiguous pattern backtracks quadratically
+# on a long run of digits that then fails to match
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _INT = re.compile(r"^[+-]?\d+$")
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-_WINDOW = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)-((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
+_FLOAT = re.compile(rf"^[+-]?{_NUMBER}$")
+_WINDOW = re.compile(rf"^([+-]?{_NUMBER})-({_NUMBER})$")
 _SPECIAL = {"inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "none": None, "true": True,
             "false": False}
 
 
 class SpecError(ValueError):
-    """A guidance spec that cannot be read; the message points at the offending token."""
+    """A guidance spec that cannot be read; the message points at the offending token.
+    ``reason`` is the message without the underlined spec; ``field`` the term field it is about."""
 
-    def __init__(self, message: str, text: str | None = None, start: int = 0, end: int | None = None):
-        self.reason, self.text, self.start, self.end = message, text, start, end
+    def __init__(self, message: str, text: str | None = None, start: int = 0, end: int | None = None,
+                 field: str | None = None):
+        self.reason, self.text, self.start, self.end, self.field = message, text, start, end, field
         if text is not None:
             end = max(start + 1, end if end is not None else len(text))
             message = f"{message}\n  {text}\n  {' ' * start}{'^' * (end - start)}"
@@ -130,9 +135,14 @@ def _item(text: str):
     if low in _SPECIAL:
         return _SPECIAL[low]
     if _INT.match(text):
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:   # beyond Python's int/str conversion limit (4300 digits)
+            raise ValueError(f"an integer of {len(text)} digits is too long") from None
     if _FLOAT.match(text):
         return float(text)
+    if "=" in text or "@" in text:   # the string form could not write it back
+        raise ValueError(f"{text!r} is not a value (a word holds no '=' or '@')")
     return text
 
 
@@ -155,7 +165,8 @@ def format_value(value) -> str:
         return str(value)
     text = str(value)
     if not text or re.search(r"[\s,:=@]", text) or _item(text) != text:
-        raise ValueError(f"value {text!r} cannot be written in the spec string form; use JSON")
+        raise ValueError(f"value {text!r} has no spec string form (it is empty, holds whitespace or one "
+                         "of , : = @, or reads as a number or keyword)")
     return text
 
 
@@ -173,13 +184,37 @@ def _split_terms(text: str):
         yield m.group(0), m.start()
 
 
-def _error_span(err: Exception, spans: dict[str, tuple[int, int]], whole: tuple[int, int]):
-    """Point a term constructor's error at the option it names (``SEG.sigma ...``)."""
-    msg = str(err)
-    for key, span in spans.items():
-        if re.search(rf"\b{re.escape(key)}\b", msg):
-            return span
-    return whole
+# what a term constructor raises for a bad value (a 400-digit scale: OverflowError in float())
+_BAD_VALUE = (TypeError, ValueError, OverflowError, RecursionError)
+
+
+def build_term(cls: type, values: dict) -> Term:
+    """``cls(**values)``. Any error a bad value causes becomes a SpecError whose ``field`` is
+    the field it is about, named in the message also when the term's own message does not name
+    it (``'int' object is not iterable``, ``int too large to convert to float``)."""
+    try:
+        return cls(**values)
+    except _BAD_VALUE as e:
+        message = str(e) or type(e).__name__
+        for key in values:
+            if re.search(rf"\b{re.escape(key)}\b", message):
+                raise SpecError(message, field=key) from None
+        for key, value in values.items():   # the field whose value fails on its own
+            try:
+                cls(**{key: value})
+            except _BAD_VALUE:
+                raise SpecError(f"{key}: {message} ({_field_hint(cls, key, value)})", field=key) from None
+        raise SpecError(message) from None
+
+
+def _field_hint(cls: type, key: str, value) -> str:
+    """The field's default, and for a list field given one value, how to write a list."""
+    f = term_fields(cls)[key]
+    hint = f"default {key}={format_value(_default(f))}"
+    # the annotation as written ("tuple | None"): reading it needs no evaluation
+    if "tuple" in str(f.type) and not isinstance(value, (tuple, list)):
+        hint += f"; it takes a list: {key}=a,b or, for one item, {key}=a,"
+    return hint
 
 
 def _parse_term(token: str, offset: int, text: str) -> Term:
@@ -200,12 +235,22 @@ def _parse_term(token: str, offset: int, text: str) -> Term:
     values: dict[str, Any] = {}
     spans: dict[str, tuple[int, int]] = {}
 
-    def put(key, value, start, end):
+    def known(key, start, end):
         if key not in fields:
             raise SpecError(f"{name} has no option {key!r}; valid options: {', '.join(fields)}",
                             text, start, end)
         if key in values:
             raise SpecError(f"{name}: {key} given twice", text, start, end)
+
+    def parsed(raw, key, start, end):
+        known(key, start, end)
+        try:
+            return parse_value(raw)
+        except ValueError as e:
+            raise SpecError(f"{name}: {key}: {e}", text, start, end, key) from None
+
+    def put(key, value, start, end):
+        known(key, start, end)
         values[key] = value
         spans[key] = (start, end)
 
@@ -227,7 +272,7 @@ def _parse_term(token: str, offset: int, text: str) -> Term:
         if not layers_text or any(not p for p in layers_text.rstrip(",").split(",")):
             raise SpecError(f"{name}: empty layer name after '@' (e.g. @mid, @7,8,9, @d6-d23)",
                             text, layers_at - 1, end)
-        put("layers", parse_value(layers_text), layers_at, end)
+        put("layers", parsed(layers_text, "layers", layers_at, end), layers_at, end)
 
     pos = offset + len(head)
     for opt in options:
@@ -241,7 +286,7 @@ def _parse_term(token: str, offset: int, text: str) -> Term:
             key, raw = opt.split("=", 1)
             if not raw:
                 raise SpecError(f"{name}: no value for {key!r}", text, start, end)
-            put(key, parse_value(raw), start, end)
+            put(key, parsed(raw, key, start, end), start, end)
             continue
         m = _WINDOW.match(opt)
         if not m:
@@ -251,10 +296,10 @@ def _parse_term(token: str, offset: int, text: str) -> Term:
         put("start", float(m.group(1)), start, start + len(m.group(1)))
         put("stop", float(m.group(2)), end - len(m.group(2)), end)
     try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        start, end = _error_span(e, spans, (offset, offset + len(token)))
-        raise SpecError(f"{name}: {e}", text, start, end) from None
+        return build_term(cls, values)
+    except SpecError as e:
+        start, end = spans.get(e.field, (offset, offset + len(token)))
+        raise SpecError(f"{name}: {e.reason}", text, start, end, e.field) from None
 
 
 def parse_spec(text: str) -> Guidance:
@@ -357,10 +402,15 @@ def from_dict(data) -> Guidance:
         if unknown:
             raise SpecError(f"guidance JSON: {cls.__name__} has no field(s) {unknown}; valid: "
                             f"{', '.join(fields)}")
+        where = f"guidance JSON: term {i} ({cls.__name__})"
         try:
-            out.append(cls(**{k: _from_json_value(v) for k, v in d.items()}))
-        except (TypeError, ValueError) as e:
-            raise SpecError(f"guidance JSON: term {i} ({cls.__name__}): {e}") from None
+            values = {k: _from_json_value(v) for k, v in d.items()}
+        except RecursionError:
+            raise SpecError(f"{where}: a value is nested too deeply") from None
+        try:
+            out.append(build_term(cls, values))
+        except SpecError as e:
+            raise SpecError(f"{where}: {e.reason}", field=e.field) from None
     try:
         return Guidance(*out)
     except (TypeError, ValueError) as e:
@@ -372,6 +422,10 @@ def from_json(text: str) -> Guidance:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise SpecError(f"guidance JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise SpecError("guidance JSON: nested too deeply") from None
+    except ValueError as e:   # an integer beyond Python's 4300-digit conversion limit
+        raise SpecError(f"guidance JSON: {e}") from None
     return from_dict(data)
 
 
@@ -385,9 +439,13 @@ def load_guidance(value: str | Guidance | dict | None) -> Guidance:
     if isinstance(value, (dict, list)):
         return from_dict(value)
     text = value.strip()
-    if text and not text.startswith(("{", "[")) and os.path.isfile(os.path.expanduser(text)):
-        with open(os.path.expanduser(text)) as f:
-            text = f.read().strip()
+    path = os.path.expanduser(text)
+    if text and not text.startswith(("{", "[")) and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"cannot read the guidance file {text}: {e}") from None
     if text.startswith(("{", "[")):
         return from_json(text)
     return parse_spec(text)

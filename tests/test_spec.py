@@ -162,3 +162,154 @@ def test_json_forms_and_files(tmp_path):
         spec.from_dict({"terms": [{"type": "SEG", "sigm": 2}]})
     with pytest.raises(spec.SpecError, match="guidance JSON"):
         spec.from_json("{not json")
+
+
+# ---------------------------------------------------------------------------------------- robustness
+
+@pytest.mark.parametrize("text,term,field,underlined", [
+    ("pag=" + "9" * 400, "pag", "scale", "9" * 400),         # OverflowError in float()
+    ("scfg=7:clamp=2", "scfg", "clamp", "clamp=2"),           # 'int' object is not iterable
+    ("slg@7:weights=2", "slg", "weights", "weights=2"),
+    ("pag:heads=" + "9" * 5000, "pag", "heads", "heads=" + "9" * 5000),   # over the 4300-digit limit
+    ("pag:heads=0,,1", "pag", "heads", "heads=0,,1"),         # empty list item
+    ("pag@mid,x,,", "pag", "layers", "mid,x,,"),
+    ("pag@a=b", "pag", "layers", "a=b"),                      # a word the string form cannot write
+    ("seg:sigma=nan", "seg", "sigma", "sigma=nan"),
+    ("nag:norm=1e999", "nag", "norm", "norm=1e999"),
+], ids=lambda v: v if len(v) < 30 else f"{v[:12]}...({len(v)} chars)")
+def test_constructor_errors_name_the_term_and_field(text, term, field, underlined):
+    with pytest.raises(spec.SpecError) as info:
+        spec.parse_spec(text)
+    e = info.value
+    assert e.field == field
+    assert e.reason.startswith(f"{term}: ") and field in e.reason
+    assert _caret(str(e)) == underlined
+
+
+def test_list_fields_given_one_value_say_how_to_write_a_list():
+    msg = _error("scfg=7:clamp=2")
+    assert "scfg: clamp:" in msg and "default clamp=0.8,3" in msg and "clamp=a," in msg
+
+
+def test_json_errors_are_spec_errors_naming_the_field():
+    with pytest.raises(spec.SpecError, match="nested too deeply"):
+        spec.load_guidance("[" * 100_000)
+    with pytest.raises(spec.SpecError, match=r"term 0 \(PAG\): scale: int too large"):
+        spec.from_json('{"terms": [{"type": "PAG", "scale": 1' + "0" * 400 + "}]}")
+    with pytest.raises(spec.SpecError, match=r"term 0 \(PAG\): a value is nested too deeply"):
+        spec.from_dict({"terms": [{"type": "PAG", "layers": _nested(5000)}]})
+    with pytest.raises(spec.SpecError, match="guidance JSON: .*digits"):
+        spec.from_json('{"terms": [{"type": "PAG", "scale": ' + "9" * 5000 + "}]}")
+
+
+def _nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_unreadable_guidance_file_is_a_spec_error(tmp_path):
+    path = tmp_path / "g.txt"
+    path.write_bytes(b"\xff\xfe cfg=5")
+    with pytest.raises(spec.SpecError, match="cannot read the guidance file"):
+        spec.load_guidance(str(path))
+
+
+def test_long_numbers_parse_in_linear_time():
+    """Number patterns with one way to match: `\\d+\\.?\\d*` took 38 s on 32k digits."""
+    import time
+
+    start = time.perf_counter()
+    for text in ("pag:" + "1" * 200_000 + "x", "pag:heads=" + "1" * 200_000 + "x"):
+        with pytest.raises(spec.SpecError):
+            spec.parse_spec(text)
+    assert time.perf_counter() - start < 5.0
+
+
+_ALPHABET = "cfgpasetlnmdiuxrkwhob=@:,.-+ 0123456789eE[]{}\"_\t\x00é"
+_PIECES = ["cfg", "scfg", "pag", "seg", "tpg", "slg", "nag", "=", "@", ":", ",", "-", "mid", "d6-d23",
+           "7,8,9", "inf", "-inf", "nan", "none", "true", "1e999", "9" * 400, "0.5", "sigma=", "heads=",
+           "clamp=", "weights=", "skip=", "form=", "layers=", "R=", "norm=", "[", "{", '"type"', " "]
+
+
+def _fuzz_cases(n=400, seed=20240607):
+    """Deterministic random and adversarial spec texts: characters, grammar pieces, mutations of
+    valid specs, deep nesting, huge numbers."""
+    import random
+
+    rng = random.Random(seed)
+    out = ["[" * 3000, "{" * 3000, '{"terms": ' + "[" * 3000, "pag@" + "," * 500, ":" * 1000]
+    while len(out) < n:
+        kind = rng.randrange(3)
+        if kind == 0:
+            out.append("".join(rng.choice(_ALPHABET) for _ in range(rng.randrange(40))))
+        elif kind == 1:
+            out.append("".join(rng.choice(_PIECES) for _ in range(rng.randrange(1, 12))))
+        else:
+            chars = list(rng.choice(SPECS))
+            for _ in range(rng.randrange(1, 4)):
+                pos = rng.randrange(len(chars) + 1)
+                op = rng.randrange(3)
+                if op == 0:
+                    chars.insert(pos, rng.choice(_PIECES))
+                elif chars and op == 1:
+                    del chars[min(pos, len(chars) - 1)]
+                elif chars:
+                    chars[min(pos, len(chars) - 1)] = rng.choice(_ALPHABET)
+            out.append("".join(chars))
+    return out
+
+
+def test_fuzzed_specs_raise_only_spec_errors():
+    """Whatever the text, load_guidance returns a Guidance that round-trips, or raises SpecError."""
+    parsed = 0
+    for text in _fuzz_cases():
+        try:
+            g = spec.load_guidance(text)
+        except spec.SpecError:
+            continue
+        parsed += 1
+        assert spec.parse_spec(spec.format_spec(g)) == g, text
+        spec.to_json(g)
+    assert 20 < parsed < 380   # the cases reach both outcomes
+
+
+def _random_json_value(rng, depth=0):
+    kinds = ["int", "float", "str", "bool", "none", "list", "dict", "huge", "special"]
+    kind = rng.choice(kinds if depth < 4 else kinds[:5])
+    return {"int": lambda: rng.randrange(-3, 12), "float": lambda: rng.uniform(-2, 2),
+            "str": lambda: rng.choice(["mid", "7", "", "a b", "attn", "cslg", "inf", "paper"]),
+            "bool": lambda: rng.random() < 0.5, "none": lambda: None,
+            "list": lambda: [_random_json_value(rng, depth + 1) for _ in range(rng.randrange(3))],
+            "dict": lambda: {rng.choice(["type", "scale", "x"]): _random_json_value(rng, depth + 1)},
+            "huge": lambda: 10 ** rng.randrange(300, 400),
+            "special": lambda: rng.choice([math.inf, -math.inf, math.nan])}[kind]()
+
+
+def test_fuzzed_guidance_json_raises_only_spec_errors():
+    """Term objects with random values of random JSON types in their own fields (and sometimes
+    unknown ones): from_dict returns a Guidance that round-trips, or raises SpecError."""
+    import random
+
+    from guidance_rt.terms import TERM_TYPES
+
+    rng = random.Random(7)
+    outcomes = set()
+    for _ in range(400):
+        terms = []
+        for _ in range(rng.randrange(1, 3)):
+            name = rng.choice(sorted(TERM_TYPES))
+            fields = [f.name for f in dataclasses.fields(TERM_TYPES[name])] + ["x"]
+            term = {k: _random_json_value(rng) for k in rng.sample(fields, rng.randrange(1, 3))}
+            term["type"] = rng.choice([name, name.lower(), "FOO"]) if rng.random() < 0.95 else 3
+            terms.append(term)
+        data = rng.choice([{"terms": terms}, terms, {"terms": terms, "x": 1}, _random_json_value(rng)])
+        try:
+            g = spec.from_dict(data)
+        except spec.SpecError:
+            outcomes.add("error")
+            continue
+        outcomes.add("ok")
+        assert spec.from_dict(spec.to_dict(g)) == g
+    assert outcomes == {"ok", "error"}
