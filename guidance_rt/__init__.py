@@ -9,7 +9,7 @@ from .terms import CFG, NAG, PAG, SCFG, SEG, SLG, TPG, Guidance
 
 # public name -> module that defines it (imported when first asked for)
 _LAZY = {"GuidedDenoiser": ".denoiser", "NonFiniteError": ".denoiser", "guided": ".pipelines",
-         "reference": ".reference"}
+         "PackedGuider": ".modular", "reference": ".reference"}
 
 __all__ = ["CFG", "NAG", "PAG", "SCFG", "SEG", "SLG", "TPG", "Guidance", *_LAZY]
 
