@@ -16,7 +16,7 @@ from guidance_rt import pipelines, presets
 
 from .conftest import model_state
 
-TIMEOUT = 30          # seconds: a deadlock fails the test instead of hanging it
+TIMEOUT = 120         # seconds: a deadlock fails the test instead of hanging it (generous: slow CI)
 G = {"pag": grt.Guidance(grt.CFG(5.0), grt.PAG(2.0, layers="down")),   # mid: 1 token at 64 px
      "cfg5": grt.Guidance(grt.CFG(5.0)),     # same CFG scale as "pag" (the KeyError case)
      "cfg3": grt.Guidance(grt.CFG(3.0))}     # another CFG scale (the ValueError case)
