@@ -4,7 +4,10 @@ Inside the context the pipeline's own __call__ runs unchanged, except that
 - its denoiser's forward is routed through a GuidedDenoiser (an instance attribute `forward`
   shadows the class method; the model's weights, processors and config are untouched),
 - the pipeline object gets a subclass whose __call__ first checks the guidance arguments, sets the
-  ones the Guidance implies, and numbers the denoiser calls as steps.
+  ones the Guidance implies, and numbers the denoiser calls as steps. With guided(pipe) and no
+  Guidance, the call's own guidance arguments (diffusers' and the seed pipelines': guidance_scale,
+  pag_scale, seg_scale, nag_scale, ...) build that call's Guidance instead (pipeline_arguments),
+  and are removed before the stock __call__ sees them.
 
 The guidance is bound to the caller, not to the shared objects. Each guided() context adds
 (pipe, Guidance) to a contextvars.ContextVar, so only the thread (or asyncio task) that entered it
@@ -44,6 +47,7 @@ from typing import Callable
 import torch
 
 from .denoiser import GuidedDenoiser, check_per_sample
+from .pipeline_arguments import guidance_for_call, instead, pop_arguments
 from .terms import Guidance
 
 # pipeline class -> (denoiser attribute, family)
@@ -53,12 +57,6 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLControlNetPipeline": "unet",
     "StableDiffusion3Pipeline": "transformer",
     "FluxPipeline": "transformer",
-}
-# arguments that would apply guidance outside the Guidance: (pipeline argument, what to use instead)
-FOREIGN_GUIDANCE = {
-    "skip_guidance_layers": "grt.SLG(layers=...)",
-    "skip_layer_guidance_scale": "grt.SLG(scale=...)",
-    "pag_scale": "grt.PAG(scale=...)",
 }
 
 
@@ -72,22 +70,38 @@ def _pipeline_kind(cls: type) -> str:
 
 @dataclass(eq=False)
 class _Binding:
-    """One open guided() context: the pipeline, its Guidance and what its calls need."""
+    """One open guided() context: the pipeline, its Guidance and what its calls need. Without a
+    Guidance (guidances None) each call's own arguments decide (pipeline_arguments)."""
 
     pipe: object
     model: torch.nn.Module
-    den: GuidedDenoiser
+    den: GuidedDenoiser | None
     kind: str
-    guidances: tuple[Guidance, ...]
+    guidances: tuple[Guidance, ...] | None
     nag_text: str | None
     original_class: type | None = None   # the pipeline's class before any guided() patch
+    last: tuple[Guidance, GuidedDenoiser] | None = None   # without a Guidance: the last call's
+
+    def denoiser_for(self, guidance: Guidance, arguments: dict) -> GuidedDenoiser:
+        """The denoiser of a call whose arguments asked for `guidance`; the last one while calls
+        repeat it, so its step plans are reused."""
+        last = self.last   # read once: a context copied into another thread shares the binding
+        if last is None or last[0] != guidance:
+            try:
+                last = self.last = guidance, GuidedDenoiser(self.model, guidance)
+            except ValueError as e:   # name the arguments: the terms only know their own fields
+                shown = ", ".join(f"{a}={v!r}" for a, v in arguments.items())
+                raise ValueError(f"{shown}: {e}") from None
+        return last[1]
 
 
 class _Call:
-    """State of one guided pipeline call: the step counter, generator and captured negatives."""
+    """State of one guided pipeline call: its denoiser, the step counter, generator and captured
+    negatives."""
 
-    def __init__(self, binding: _Binding, pipe, generator):
+    def __init__(self, binding: _Binding, pipe, generator, den: GuidedDenoiser, nag_text: str | None):
         self.binding, self.pipe = binding, pipe
+        self.den, self.nag_text = den, nag_text
         self.calls = 0
         self.generator = generator[0] if isinstance(generator, (list, tuple)) else generator
         self.encoded: list = []          # FLUX: encode_prompt results (positive, then negative)
@@ -200,10 +214,6 @@ def _split(value, batch: int, half: int):
 
 
 def _check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], kwargs: dict):
-    for name, instead in FOREIGN_GUIDANCE.items():
-        if kwargs.get(name) not in (None, [], ()):
-            raise ValueError(f"{pipe_name}({name}=...) contradicts guided(): the Guidance "
-                             f"decides the guidance; use {instead} instead")
     cfg = guidances[0].cfg            # every per-sample Guidance has CFG, or none has
     scale_arg = "true_cfg_scale" if kind == "FluxPipeline" else "guidance_scale"
     wanted = sorted({g.cfg.scale for g in guidances}) if cfg is not None else [1.0]
@@ -242,7 +252,7 @@ def _patched_forward(model, stock):
 
 def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
     binding = call.binding
-    den = binding.den
+    den = call.den
     pipe_steps = call.pipe._num_timesteps
     bound = signature.bind(*args, **kwargs)
     arguments = dict(bound.arguments)
@@ -283,10 +293,10 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
         raise RuntimeError(f"guided(): denoiser called {step + 1} times in a {pipe_steps}-step run; "
                            "only pipelines that call the denoiser once per step are supported")
     negative = None
-    if binding.nag_text is not None:
+    if call.nag_text is not None:
         if call.negative is None:
             call.negative = _encode_nag_negative(call.pipe, binding.original_class, binding.kind,
-                                                 binding.nag_text)
+                                                 call.nag_text)
         negative = _rows(call.negative, sample.shape[0])
     eps = den(sample, t, cond=cond, uncond=uncond, negative=negative, step=step, num_steps=pipe_steps,
               generator=call.generator)
@@ -342,14 +352,26 @@ def _guided_class(original_class: type) -> type:
         binding = _binding_for(self)
         call = None
         if binding is not None:
+            name = original_class.__name__
             params = inspect.signature(original_class.__call__).parameters
+            # removed first: the stock __call__ must never see them (SD3 would run its own SLG)
+            given = pop_arguments(name, kind, params, kwargs)
             bound = inspect.signature(original_class.__call__).bind(self, *args, **kwargs)
             args, kwargs = (), {k: v for k, v in bound.arguments.items() if k != "self"}
             kwargs.update(kwargs.pop("kwargs", {}) if "kwargs" in params else {})
-            _check_arguments(original_class.__name__, kind, binding.guidances, kwargs)
+            if binding.guidances is None:
+                guidance, nag_text = guidance_for_call(name, kind, binding.model, params, kwargs, given)
+                guidances, den = (guidance,), binding.denoiser_for(guidance, given)
+            else:
+                for arg, value in given.items():
+                    if not (isinstance(value, (list, tuple)) and not value):   # [] asks for nothing
+                        raise ValueError(f"{name}({arg}=...) contradicts guided(): the Guidance decides the "
+                                         f"guidance; use {instead(arg)} instead")
+                guidances, den, nag_text = binding.guidances, binding.den, binding.nag_text
+            _check_arguments(name, kind, guidances, kwargs)
             if "guidance_rescale" in params:
                 kwargs["guidance_rescale"] = 0.0   # the Guidance's CFG term rescales
-            call = _Call(binding, self, kwargs.get("generator"))
+            call = _Call(binding, self, kwargs.get("generator"), den, nag_text)
         with _exclusive(self, original_class.__name__, call is not None):
             # None for a stock call, so that one made inside a guided call (from a callback) runs stock
             token = _CALL.set(call)
@@ -371,21 +393,29 @@ def _guided_class(original_class: type) -> type:
 
 
 @contextlib.contextmanager
-def guided(pipe, guidance: Guidance | list[Guidance], *, nag_negative_prompt: str | None = None):
+def guided(pipe, guidance: Guidance | list[Guidance] | None = None, *, nag_negative_prompt: str | None = None):
     """Run a stock diffusers pipeline's own __call__ with one packed forward per step.
     With a NAG term, `nag_negative_prompt` is encoded by the pipeline's own text encoders.
     A list of Guidances gives every image of the pipeline's batch its own (see GuidedDenoiser:
     they may differ only in scales and step windows), all in one packed forward per step.
+    Without a Guidance, each call's own arguments decide (guidance_scale, pag_scale, seg_scale,
+    nag_scale, ...: see pipeline_arguments).
     The guidance applies to calls from the thread / task that entered the context; contexts nest
     and may be open in several threads at once (see the module docstring)."""
-    guidances = check_per_sample(guidance)
     kind = _pipeline_kind(type(pipe))
-    if guidances[0].nag is not None and nag_negative_prompt is None:
-        raise ValueError("the Guidance has a NAG term: pass guided(pipe, guidance, nag_negative_prompt=...) "
-                         "(NAG guides away from that prompt)")
     model = getattr(pipe, SUPPORTED_PIPELINES[kind])
-    binding = _Binding(pipe, model, GuidedDenoiser(model, guidance), kind, guidances,
-                       nag_negative_prompt if guidances[0].nag is not None else None)
+    if guidance is None:
+        if nag_negative_prompt is not None:
+            raise ValueError("guided(pipe, nag_negative_prompt=...) goes with a Guidance that has a NAG term; "
+                             "without a Guidance pass nag_scale=... and nag_negative_prompt=... to the call")
+        binding = _Binding(pipe, model, None, kind, None, None)
+    else:
+        guidances = check_per_sample(guidance)
+        if guidances[0].nag is not None and nag_negative_prompt is None:
+            raise ValueError("the Guidance has a NAG term: pass guided(pipe, guidance, nag_negative_prompt=...) "
+                             "(NAG guides away from that prompt)")
+        binding = _Binding(pipe, model, GuidedDenoiser(model, guidance), kind, guidances,
+                           nag_negative_prompt if guidances[0].nag is not None else None)
     with _LOCK:   # the model first: if patching it fails, nothing is left patched
         _acquire(_MODELS, model, _patch_forward)
         binding.original_class = _acquire(_PIPES, pipe, _swap_class)
