@@ -574,12 +574,12 @@ def check_guidance(info: ModelInfo, guidances: list[Guidance], settings: Setting
     for guidances run together in one batch; with `settings`, also what guided() checks about the
     pipeline call those settings make. ValueError naming the guidance."""
     from .denoiser import GuidedDenoiser
-    from .pipelines import _check_arguments
+    from .pipelines import check_arguments
 
     try:
         GuidedDenoiser(info.denoiser, guidances if len(guidances) > 1 else guidances[0])
         if settings is not None:
-            _check_arguments(info.pipeline, info.pipeline, tuple(guidances),
+            check_arguments(info.pipeline, info.pipeline, tuple(guidances),
                              _call_kwargs(settings, info.family, guidances[0]))
     except (ValueError, TypeError, NotImplementedError) as e:
         more = f" (and {len(guidances) - 1} more run with it)" if len(guidances) > 1 else ""

@@ -37,7 +37,7 @@ import torch
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from .denoiser import GuidedDenoiser, check_per_sample
-from .pipelines import _wrap
+from .pipelines import denoiser_output
 from .spec import load_guidance, to_dict
 from .terms import Guidance
 
@@ -163,7 +163,7 @@ class PackedGuider(BaseGuidance):
         nag = self.guidances[0].nag is not None
         eps = den(sample, timestep, cond=cond, uncond=uncond, negative=uncond if nag else None,
                   step=self._step, num_steps=self._num_inference_steps, generator=self.generator)
-        return _wrap(eps, return_dict, den)
+        return denoiser_output(eps, return_dict, den)
 
     def __call__(self, data: list) -> GuiderOutput:
         """The packed call's guided prediction (the branches themselves are never materialised)."""

@@ -213,7 +213,7 @@ def _split(value, batch: int, half: int):
     return value
 
 
-def _check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], kwargs: dict):
+def check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], kwargs: dict):
     cfg = guidances[0].cfg            # every per-sample Guidance has CFG, or none has
     scale_arg = "true_cfg_scale" if kind == "FluxPipeline" else "guidance_scale"
     wanted = sorted({g.cfg.scale for g in guidances}) if cfg is not None else [1.0]
@@ -266,7 +266,7 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
 
     if binding.kind == "FluxPipeline" and call.pending is not None:
         out, call.pending = call.pending, None     # the true-CFG uncond call of this step
-        return _wrap(out, return_dict, den)
+        return denoiser_output(out, return_dict, den)
     step = call.calls
     call.calls += 1
     if binding.kind == "FluxPipeline":
@@ -303,10 +303,10 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
     if binding.kind == "FluxPipeline":
         if uncond is not None:
             call.pending = eps
-        return _wrap(eps, return_dict, den)
+        return denoiser_output(eps, return_dict, den)
     if packed:
         eps = torch.cat([eps, eps])
-    return _wrap(eps, return_dict, den)
+    return denoiser_output(eps, return_dict, den)
 
 
 def _encode_nag_negative(pipe, original_class, kind: str, text: str) -> dict:
@@ -331,7 +331,8 @@ def _rows(d: dict, batch: int, unbatched=("txt_ids", "img_ids")) -> dict:
     return {k: v if k in unbatched else v.expand(batch, *v.shape[1:]) for k, v in d.items()}
 
 
-def _wrap(out, return_dict, den):
+def denoiser_output(out, return_dict, den):
+    """The guided prediction in the form the model's own forward returns (tuple or output class)."""
     if not return_dict:
         return (out,)
     if den.family == "unet":
@@ -368,7 +369,7 @@ def _guided_class(original_class: type) -> type:
                         raise ValueError(f"{name}({arg}=...) contradicts guided(): the Guidance decides the "
                                          f"guidance; use {instead(arg)} instead")
                 guidances, den, nag_text = binding.guidances, binding.den, binding.nag_text
-            _check_arguments(name, kind, guidances, kwargs)
+            check_arguments(name, kind, guidances, kwargs)
             if "guidance_rescale" in params:
                 kwargs["guidance_rescale"] = 0.0   # the Guidance's CFG term rescales
             call = _Call(binding, self, kwargs.get("generator"), den, nag_text)
