@@ -51,26 +51,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import presets, reference, spec as spec_mod
 from .denoiser import GuidedDenoiser
 from .layers import model_family, resolve_layers
+from .standard import IMPLEMENTATIONS, STANDARD, standard_names
 from .terms import CFG, PAG, SEG, SLG, Guidance
 
 # ------------------------------------------------------------------------------------------------
-# Standard configurations
+# Standard configurations (the table: standard.py, which the command line reads without torch)
 
-# (family, name, spec); terms that do not exist in this build (NAG, CSLG) are left out
-STANDARD: list[tuple[str, str, str]] = [
-    ("unet", "CFG", "cfg=5"),
-    ("unet", "CFG+PAG(mid)", "cfg=5 pag=3@mid"),
-    ("unet", "CFG+SEG(mid,inf)", "cfg=5 seg=3@mid:sigma=inf"),
-    ("unet", "CFG+SEG(mid,sigma2)", "cfg=5 seg=3@mid:sigma=2"),
-    ("unet", "CFG+TPG(d6-d23)", "cfg=5 tpg=3@d6-d23"),
-    ("sd3", "CFG", "cfg=4"),
-    ("sd3", "CFG+SLG[7,8,9]", "cfg=4 slg=2.8@7,8,9:0-1"),
-    ("flux", "plain", ""),
-    ("flux", "NAG", "nag=5"),
-    ("flux", "CSLG[3,8,6,10,14]", "slg=2@3,8,6,10,14:0-1:form=cslg"),   # published FLUX text layers
-]
 FAMILY_PRESET = {"unet": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
-IMPLEMENTATIONS = ("guidance-rt", "reference", "diffusers-pipelines", "diffusers-guiders")
 OURS = ("guidance-rt", "reference")
 COLUMNS = ("preset", "family", "batch", "latent", "config", "spec", "guidance", "implementation",
            "status", "reason", "step", "steps", "median_ms", "iqr_ms", "min_ms", "max_ms", "ratio",
@@ -138,13 +125,6 @@ def resolve_configs(items: list[str] | None, family: str) -> list[Config]:
                              f"{family} ones; for {family}: {', '.join(standard_names()[family])}")
         g = spec_mod.load_guidance(item)
         out.append(Config(spec_mod.format_spec(g) or "plain", g, spec_mod.format_spec(g)))
-    return out
-
-
-def standard_names() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for fam, name, _ in STANDARD:
-        out.setdefault(fam, []).append(name)
     return out
 
 

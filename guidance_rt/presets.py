@@ -5,11 +5,8 @@ with random weights, `example_inputs` makes one step's inputs in each pipeline's
 `build_pipeline` assembles a tiny stock diffusers pipeline (tokenizers, text encoders, VAE and
 scheduler all made in code) around a tiny preset.
 
-Tiny presets keep the real model's block topology (block types, layers per block, transformer
-layers per block, joint / double / single block counts, dual attention layers, qk norm, guidance
-embedding) and shrink only widths, so layer names such as SDXL's `d6-d23` or SLG's `[7, 8, 9]`
-mean the same thing as on the real model. Each tiny config is the full config with width keys
-overridden (`_TINY_WIDTHS`), which makes that true by construction.
+The table itself (configs, `PRESETS`, `get_preset`) is `preset_configs`, which needs no torch;
+tiny presets keep the real model's block topology and shrink only widths (see there).
 
 Conventions (one step, as each stock pipeline calls its denoiser):
 - UNet (SD1.5, SDXL): sample (B, 4, H, W); timestep int64 in 0..999 (DDPM steps).
@@ -22,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -34,153 +29,11 @@ __all__ = [
 ]
 
 from .layers import FAMILIES, model_family as _family_of
+from .preset_configs import PRESETS, Preset, get_preset
 
 # Text tokens each pipeline feeds the denoiser by default: CLIP 77; SD3 77 CLIP + 256 T5; FLUX 512 T5.
 _TEXT_LEN = {"unet": 77, "sd3": 77 + 256, "flux": 512}
 _VAE_SCALE = 8  # every family's VAE downsamples by 8 (SDXL's time_ids are in image pixels)
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    family: str                 # "unet" | "sd3" | "flux"
-    model_class: str            # diffusers class name
-    config: dict[str, Any]      # kwargs for model_class.from_config
-    latent: tuple[int, int]     # default (height, width) in latent pixels
-    tiny: bool
-    description: str
-    text_len: int = 0  # default text tokens in example_inputs (0: the family's)
-
-    @property
-    def latent_channels(self) -> int:
-        """Channels of the unpacked VAE latent."""
-        c = self.config["in_channels"]
-        return c // 4 if self.family == "flux" else c
-
-
-# ---------------------------------------------------------------------------------------------
-# Full-size configs (the published diffusers configs of the real checkpoints)
-
-_SD15 = dict(
-    sample_size=64, in_channels=4, out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-    attention_head_dim=8,  # diffusers' name; it is the number of heads (head dim 40..160)
-    cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
-)
-
-_SDXL = dict(
-    sample_size=128, in_channels=4, out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280), layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),  # number of heads per level: 64-wide heads throughout
-    cross_attention_dim=2048,        # 768 (CLIP-L) + 1280 (OpenCLIP-G)
-    use_linear_projection=True, upcast_attention=False,
-    addition_embed_type="text_time", addition_embed_type_num_heads=64,
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,  # 6 time ids * 256 + 1280 pooled text
-    norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
-)
-
-_SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16,
-    num_layers=24, attention_head_dim=64, num_attention_heads=24,
-    joint_attention_dim=4096,        # T5-XXL width (CLIP embeddings are zero-padded to it)
-    caption_projection_dim=1536,     # = heads * head dim
-    pooled_projection_dim=2048,      # 768 + 1280 pooled CLIP
-    pos_embed_max_size=192,
-)
-
-_SD35_MEDIUM = dict(
-    _SD3_MEDIUM, pos_embed_max_size=384,
-    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
-
-_SD35_LARGE = dict(
-    _SD3_MEDIUM, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
-    qk_norm="rms_norm",
-)
-
-_FLUX_DEV = dict(
-    patch_size=1, in_channels=64, out_channels=None,
-    num_layers=19, num_single_layers=38,
-    attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096,        # T5-XXL
-    pooled_projection_dim=768,       # CLIP-L pooled
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),     # sums to attention_head_dim
-)
-
-# Width-only overrides for the tiny presets. Channels in/out stay real (4 / 16 / 64), so latents
-# have the real shapes. UNet channels keep the real ratios between levels (SD1.5 1:2:4:4), so the
-# same resnets get a shortcut conv and the module trees match the real ones module for module.
-_TINY_WIDTHS = {
-    "sd15": dict(sample_size=16, block_out_channels=(8, 16, 32, 32), attention_head_dim=2,
-                 cross_attention_dim=16, norm_num_groups=4),
-    "sdxl": dict(sample_size=16, block_out_channels=(8, 16, 32), attention_head_dim=(1, 2, 4),
-                 cross_attention_dim=32,                    # 16 + 16 from the two tiny CLIPs
-                 addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=64,  # 6 * 8 + 16 pooled text
-                 norm_num_groups=4),
-    "sd3": dict(sample_size=16, attention_head_dim=8, num_attention_heads=4,
-                joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-                pos_embed_max_size=32),
-    "sd35": dict(sample_size=16, attention_head_dim=8, num_attention_heads=4,
-                 joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-                 pos_embed_max_size=64),
-    "flux": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                 pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
-}
-
-# Text lengths of the tiny presets: shorter than the pipelines' defaults so that text tokens do
-# not dominate a 16x16 latent's 64..256 image tokens; the models accept any length.
-_TINY_TEXT = {"sd3": 77 + 32, "flux": 64}
-
-
-def _preset(name, family, cls, config, latent, tiny, description, text_len=0):
-    return Preset(name, family, cls, dict(config), latent, tiny, description, text_len)
-
-
-_UNET, _SD3, _FLUX = "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"
-
-PRESETS: dict[str, Preset] = {p.name: p for p in [
-    _preset("sd15", "unet", _UNET, _SD15, (64, 64), False,
-            "Stable Diffusion 1.5 UNet (860M), 512px"),
-    _preset("sdxl", "unet", _UNET, _SDXL, (128, 128), False,
-            "SDXL base UNet (2.6B), 1024px"),
-    _preset("sd3-medium", "sd3", _SD3, _SD3_MEDIUM, (128, 128), False,
-            "SD3-medium MMDiT (2B, 24 joint blocks), 1024px"),
-    _preset("sd35-medium", "sd3", _SD3, _SD35_MEDIUM, (128, 128), False,
-            "SD3.5-medium MMDiT-X (2.5B, 24 blocks, dual attention in 0..12, rms qk norm), 1024px"),
-    _preset("sd35-large", "sd3", _SD3, _SD35_LARGE, (128, 128), False,
-            "SD3.5-large MMDiT (8B, 38 blocks, rms qk norm), 1024px"),
-    _preset("flux-dev", "flux", _FLUX, _FLUX_DEV, (128, 128), False,
-            "FLUX.1-dev (12B, 19 double + 38 single blocks, guidance embedding), 1024px"),
-    _preset("tiny-sd15", "unet", _UNET, {**_SD15, **_TINY_WIDTHS["sd15"]}, (16, 16), True,
-            "SD1.5 topology (6 down / 1 mid / 9 up transformer blocks), tiny widths"),
-    _preset("tiny-sdxl", "unet", _UNET, {**_SDXL, **_TINY_WIDTHS["sdxl"]}, (16, 16), True,
-            "SDXL topology (d0-d23, m0-m9, u0-u35), tiny widths"),
-    _preset("tiny-sd3", "sd3", _SD3, {**_SD3_MEDIUM, **_TINY_WIDTHS["sd3"]}, (16, 16), True,
-            "SD3-medium topology (24 joint blocks, patch 2), tiny widths", _TINY_TEXT["sd3"]),
-    _preset("tiny-sd35", "sd3", _SD3, {**_SD35_MEDIUM, **_TINY_WIDTHS["sd35"]}, (16, 16), True,
-            "SD3.5-medium topology (24 blocks, dual attention 0..12, rms qk norm), tiny widths",
-            _TINY_TEXT["sd3"]),
-    _preset("tiny-flux", "flux", _FLUX, {**_FLUX_DEV, **_TINY_WIDTHS["flux"]}, (16, 16), True,
-            "FLUX.1-dev topology (19 double + 38 single blocks, guidance embedding), tiny widths",
-            _TINY_TEXT["flux"]),
-]}
-
-
-def get_preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
 # ---------------------------------------------------------------------------------------------

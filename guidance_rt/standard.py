@@ -1,0 +1,25 @@
+"""The bench's standard configurations and implementation names: plain data, torch-free, so that
+`guidance-rt bench --help` lists them without importing torch (bench.py runs them)."""
+from __future__ import annotations
+
+# (family, name, spec); terms that do not exist in this build (NAG, CSLG) are left out
+STANDARD: list[tuple[str, str, str]] = [
+    ("unet", "CFG", "cfg=5"),
+    ("unet", "CFG+PAG(mid)", "cfg=5 pag=3@mid"),
+    ("unet", "CFG+SEG(mid,inf)", "cfg=5 seg=3@mid:sigma=inf"),
+    ("unet", "CFG+SEG(mid,sigma2)", "cfg=5 seg=3@mid:sigma=2"),
+    ("unet", "CFG+TPG(d6-d23)", "cfg=5 tpg=3@d6-d23"),
+    ("sd3", "CFG", "cfg=4"),
+    ("sd3", "CFG+SLG[7,8,9]", "cfg=4 slg=2.8@7,8,9:0-1"),
+    ("flux", "plain", ""),
+    ("flux", "NAG", "nag=5"),
+    ("flux", "CSLG[3,8,6,10,14]", "slg=2@3,8,6,10,14:0-1:form=cslg"),   # published FLUX text layers
+]
+IMPLEMENTATIONS = ("guidance-rt", "reference", "diffusers-pipelines", "diffusers-guiders")
+
+
+def standard_names() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for fam, name, _ in STANDARD:
+        out.setdefault(fam, []).append(name)
+    return out
