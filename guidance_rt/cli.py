@@ -3,12 +3,19 @@
 Each subcommand is a pair of functions: ``add_<name>(subparsers)`` declares it and sets
 ``run=<function>``; ``SUBCOMMANDS`` lists the ``add_`` functions. A new subcommand is one more
 pair and one more entry.
+
+Declaring the parsers reads only torch-free tables (preset_configs, standard), and the ``run_``
+functions import torch and diffusers only when they need them, so that --help and `spec` answer
+in a fraction of a second.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from .preset_configs import PRESETS, TINY, preset_problem, tiny_preset_problem
+from .standard import IMPLEMENTATIONS, standard_names
 
 GUIDANCE_HELP = ("guidance: a spec such as 'cfg=5 pag=3@mid seg=3@mid:sigma=inf "
                  "slg=2.8@7,8,9:0.01-0.2', JSON, or a file holding either (grammar: README)")
@@ -45,6 +52,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _checked(problem):
+    """argparse type: the text itself, once problem(text) finds nothing wrong with it."""
+    def parse(text: str) -> str:
+        why = problem(text)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return text
+    return parse
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -56,7 +73,9 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _fail(command: str, err: BaseException) -> int:
-    print(f"guidance-rt {command}: {err}", file=sys.stderr)
+    # a KeyError's str() is its message quoted: print the message itself
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    print(f"guidance-rt {command}: {message}", file=sys.stderr)
     return 2
 
 
@@ -70,9 +89,6 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------- bench
 
 def add_bench(sub) -> None:
-    from .bench import IMPLEMENTATIONS, standard_names
-    from .presets import PRESETS
-
     names = "; ".join(f"{fam}: {', '.join(n)}" for fam, n in standard_names().items())
     p = sub.add_parser(
         "bench", help="time guided steps: guidance-rt packed vs the sequential reference and peers",
@@ -106,12 +122,43 @@ def add_bench(sub) -> None:
     p.set_defaults(run=run_bench)
 
 
+def _standard_names_of(presets: list[str]) -> str:
+    """The standard configuration names of the families of `presets` (every family's when one of
+    them is 'tiny' or a folder, whose family is known only once it is loaded)."""
+    names = standard_names()
+    families = [PRESETS[p].family for p in presets if p in PRESETS]
+    if len(families) < len(presets):
+        families = list(names)
+    return "; ".join(f"{fam}: {', '.join(names[fam])}" for fam in dict.fromkeys(families))
+
+
+def _check_bench_guidance(items: list[str], presets: list[str]) -> None:
+    """Each --guidance is a standard name or a spec; checked before torch is imported."""
+    from . import spec
+
+    known = {name.lower() for names in standard_names().values() for name in names}
+    for item in items:
+        if item.strip().lower() in known:
+            continue
+        try:
+            spec.load_guidance(item)
+        except spec.SpecError as e:
+            raise ValueError(f"configuration {item!r} is neither a standard name ({_standard_names_of(presets)}) "
+                             f"nor a guidance spec: {e}") from None
+
+
 def run_bench(args) -> int:
+    presets = [s.strip() for s in args.preset.split(",") if s.strip()]
+    try:
+        _check_bench_guidance(args.guidance or [], presets)
+    except ValueError as e:
+        return _fail("bench", e)
+
     import torch
 
     from . import bench
 
-    opts = bench.Options(presets=[s.strip() for s in args.preset.split(",") if s.strip()],
+    opts = bench.Options(presets=presets,
                          guidance=args.guidance, batches=args.batch, steps=args.steps,
                          repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
                          device=args.device, compile=args.compile, seed=args.seed,
@@ -127,7 +174,7 @@ def run_bench(args) -> int:
     try:
         rows = bench.run(opts, log=lambda s: print(s, flush=True))
     except (KeyError, ValueError, OSError) as e:
-        return _fail("bench", e.args[0] if isinstance(e, KeyError) and e.args else e)
+        return _fail("bench", e)
     print()
     print(bench.format_table(rows), end="")
     print("ms/step: median of timed calls of one guided step; IQR: interquartile range; ratio: to "
@@ -135,7 +182,13 @@ def run_bench(args) -> int:
           "guidance-rt runs; eff = floor / ratio; peak MiB: " +
           ("max_memory_allocated during a step" if torch.device(env["device_type"]).type == "cuda"
            else "live tensor storage created by a step's ATen ops") +
-          "; img/s: batch / (steps x ms/step); vs ref: relative difference to the reference.")
+          "; img/s: batch / (steps x ms/step); vs ref: relative difference to the reference; vs peer: "
+          "the peer's ms / guidance-rt's ms (guidance-rt's row: the fastest working peer); NOISY: IQR "
+          f"above {bench.NOISY_IQR:.0%} of the median after re-timing.")
+    summary = bench.summary(rows)
+    if summary:
+        print()
+        print(summary, end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(bench.report(rows, opts), f, indent=1, allow_nan=False)
@@ -152,10 +205,12 @@ def add_generate(sub) -> None:
                     "settings go into each PNG so that --from-image reproduces it.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local pipeline folder (save_pretrained) or Hugging Face hub id")
-    src.add_argument("--preset", help="a tiny preset pipeline with random weights (tiny-sd15, tiny-sdxl, "
-                                      "tiny-sd3, tiny-sd35, tiny-flux): smoke tests")
+    src.add_argument("--preset", type=_checked(tiny_preset_problem),
+                     help=f"a tiny preset pipeline with random weights ({', '.join(TINY)}): smoke tests")
     src.add_argument("--from-image", metavar="PNG", help="reproduce an image from its own settings "
                      "(options given here override them)")
+    src.add_argument("--settings", metavar="FILE.json", help="run the settings of a JSON file, as "
+                     "--save-settings writes them (options given here override them)")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt")
     p.add_argument("--nag-negative-prompt", help="the prompt NAG guides away from (NAG needs one: default "
@@ -173,11 +228,20 @@ def add_generate(sub) -> None:
                         "brackets: slg.layers=[7,8,9],[8])")
     p.add_argument("--out", help="output PNG (default guidance-rt.png; with several images "
                                  "-<index> is added before .png)")
+    p.add_argument("--save-settings", metavar="FILE.json",
+                   help="also write the run's complete settings (the JSON each PNG stores) to this file, "
+                        "for --settings")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and load the pipeline (it fixes the scheduler and default "
+                        "size) but generate nothing; with --save-settings, write them")
     p.add_argument("--dtype", type=_dtype, default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None)
     p.add_argument("--allow-download", action="store_true",
-                   help="let --from-image download the hub model its PNG names (without it, only a "
-                        "model already in the hub cache or a local folder is used)")
+                   help="let --from-image or --settings download the hub model they name (without it, "
+                        "only a model already in the hub cache or a local folder is used)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar of the steps, and of the images when a grid makes several "
+                        "pipeline calls (default: when stderr is a terminal)")
     p.set_defaults(run=run_generate)
 
 
@@ -185,12 +249,10 @@ def run_generate(args) -> int:
     from . import generate
 
     try:
-        paths = generate.main(args, log=print)
-    except generate.ModelMissing as e:
+        generate.main(args, log=print)
+    except (ValueError, KeyError, OSError, generate.ModelMissing) as e:
         return _fail("generate", e)
-    except (ValueError, KeyError, OSError) as e:
-        return _fail("generate", e.args[0] if isinstance(e, KeyError) and e.args else e)
-    return 0 if paths else 1
+    return 0
 
 
 # ----------------------------------------------------------------------------------------- spec
@@ -199,25 +261,31 @@ def add_spec(sub) -> None:
     p = sub.add_parser("spec", help="check a guidance spec; print its canonical form and JSON")
     p.add_argument("guidance", nargs="+", help=GUIDANCE_HELP + " (several arguments are joined)")
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--preset", help="also check layers and fields against this preset's model "
-                                        "(built without weights)")
+    model.add_argument("--preset", type=_checked(preset_problem),
+                       help="also check layers and fields against this preset's model (built without "
+                            f"weights): {', '.join(PRESETS)}")
     model.add_argument("--model", help="also check against this pipeline folder's (or cached hub "
                                        "model's) denoiser, from its configs; nothing is downloaded")
     p.set_defaults(run=run_spec)
 
 
 def run_spec(args) -> int:
-    from . import generate, spec
+    from . import spec
 
     try:
         g = spec.load_guidance(" ".join(args.guidance))
         text = spec.format_spec(g)
-        if args.preset or args.model:
+    except (ValueError, KeyError) as e:
+        return _fail("spec", e)
+    if args.preset or args.model:   # the model's blocks: only here are torch and diffusers needed
+        from . import generate
+
+        try:
             info = generate.inspect_model(generate.Settings(preset=args.preset, model=args.model),
                                           no_download="guidance-rt spec does not download")
             generate.check_guidance(info, [g])
-    except (ValueError, KeyError, generate.ModelMissing) as e:
-        return _fail("spec", e.args[0] if isinstance(e, KeyError) and e.args else e)
+        except (ValueError, KeyError, generate.ModelMissing) as e:
+            return _fail("spec", e)
     print(text)
     print(spec.to_json(g, indent=2))
     return 0
@@ -234,12 +302,15 @@ def add_layers(sub) -> None:
                     "how much skipping each block alone changes the prediction. Writes "
                     "captures.safetensors, ranking.json and layers.png (guidance_rt.analysis).")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="a preset with random weights (e.g. tiny-flux, tiny-sd3); prompts "
-                                      "become deterministic pseudo-embeddings")
+    src.add_argument("--preset", type=_checked(preset_problem),
+                     help=f"a preset with random weights ({', '.join(PRESETS)}); prompts become "
+                          "deterministic pseudo-embeddings")
     src.add_argument("--model", help="local diffusers pipeline folder (from_pretrained, offline)")
     p.add_argument("--pairs", default=None, help="JSON prompt pairs (default: the shipped visible-text pairs)")
     p.add_argument("--out", default="guidance-rt-layers", help="output folder (default guidance-rt-layers)")
-    p.add_argument("--mode", default="both", choices=["cosine", "skip", "both"])
+    p.add_argument("--mode", default="both", choices=["cosine", "skip", "both"],
+                   help="cosine: rank by the drop in the pairs' cosine similarity; skip: by how much "
+                        "skipping each block alone changes the prediction; both (default)")
     p.add_argument("--steps", type=_count(1), default=None, help="sampling steps (default 4 bare, 28 pipeline)")
     p.add_argument("--capture-step", type=int, action="append", dest="capture_steps", metavar="I",
                    help="step index to capture (repeatable; default -1, the last)")
@@ -260,7 +331,7 @@ def run_layers(args) -> int:
     try:
         ranking = analysis.run_cli(args)
     except (ValueError, KeyError, OSError, TypeError) as e:
-        return _fail("layers", e.args[0] if isinstance(e, KeyError) and e.args else e)
+        return _fail("layers", e)
     print(analysis.format_ranking(ranking, args.top))
     return 0
 

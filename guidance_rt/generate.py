@@ -19,30 +19,39 @@ and a group runs as one packed batch: one pipeline call whose images each have t
 Guidance (``guided(pipe, [g_1, ..., g_n])``). A cell's PNG records its group (``pack``: every
 image's guidance) and its place in it, and ``--from-image`` re-runs the group.
 
-Checks, all before any weights load: a PNG's settings and the command line's go through one
-table, ``SCHEMA`` (type, range and check of every field; a PNG's problems read "corrupt
-guidance-rt metadata: <field>: <problem>", the command line's name the option). Then the model's
-family and blocks come from its configs alone (``inspect_model``: a meta-device denoiser), and
-``prepare`` checks the guidance, every grid cell and packed group, the size and NAG's negative
-prompt against them, as GuidedDenoiser and guided() will. A hub id read from a PNG is downloaded
-only with ``--allow-download``.
+Settings files: ``--save-settings FILE.json`` writes the run's complete settings (the JSON the PNG
+stores; written once the pipeline is loaded, before generating; with ``--dry-run`` nothing is
+generated), and ``--settings FILE.json`` runs them as ``--from-image`` runs a PNG's.
+
+Checks, all before any weights load: the settings of a PNG, of a settings file and of the command
+line go through one table, ``SCHEMA`` (type, range and check of every field; a PNG's problems read
+"corrupt guidance-rt metadata: <field>: <problem>", a file's "corrupt guidance-rt settings: ...",
+the command line's name the option). Then the model's family and blocks come from its configs
+alone (``inspect_model``: a meta-device denoiser), and ``prepare`` checks the guidance, every grid
+cell and packed group, the size and NAG's negative prompt against them, as GuidedDenoiser and
+guided() will. A hub id read from a PNG or a settings file is downloaded only with
+``--allow-download``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
 import itertools
 import json
+import logging
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from . import spec as spec_mod
+from .preset_configs import tiny_preset_problem
 from .terms import CFG, NAG, Guidance
 
 DEFAULT_GUIDANCE = {"unet": "cfg=5", "sd3": "cfg=4", "flux": ""}
@@ -79,8 +88,8 @@ class Settings:
     guidance_json: dict | None = None
     versions: dict = field(default_factory=dict)
 
-    def to_json(self) -> str:
-        return json.dumps(spec_mod.jsonable(dataclasses.asdict(self)), allow_nan=False)
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(spec_mod.jsonable(dataclasses.asdict(self)), allow_nan=False, indent=indent)
 
     @classmethod
     def from_json(cls, text: str) -> "Settings":
@@ -217,16 +226,6 @@ def _check_model(value, s):
     return f"both a model and a preset ({s.preset!r}) are set" if s.preset is not None else None
 
 
-def _check_preset(value, s):
-    from .presets import PRESETS
-
-    tiny = [name for name, p in PRESETS.items() if p.tiny]
-    if value not in tiny:
-        return (f"{value!r} is not a tiny preset; generate builds {', '.join(tiny)} (random weights); a "
-                "real model goes in --model")
-    return None
-
-
 def _check_device(value, s):
     try:
         device = torch.device(value)
@@ -325,7 +324,7 @@ SCHEMA: dict[str, Rule] = {
     "index": Rule((int,), _check_index),
     "pack": Rule((list, None), _check_pack),
     "seed": Rule((int,), _check_seed, "--seed"),
-    "preset": Rule((str, None), _check_preset, "--preset"),
+    "preset": Rule((str, None), lambda v, s: tiny_preset_problem(v), "--preset"),
     "model": Rule((str, None), _check_model, "--model"),
     "dtype": Rule((str, None), _one_of(*DTYPES), "--dtype"),
     "device": Rule((str, None), _check_device, "--device"),
@@ -481,29 +480,52 @@ def inspect_model(settings: Settings, no_download: str | None = None) -> ModelIn
                      grid * patch * vae_factor if grid else None)
 
 
+class _TorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_torchvision_notice():
+    """Importing a pipeline's module makes transformers say that its image processors (IP-Adapter
+    feature extractors, which generate never uses) would like torchvision: that notice only is
+    dropped, at the logger that emits it."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    notice = _TorchvisionNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def load_pipeline(settings: Settings, dtype: torch.dtype, device: torch.device,
-                  no_download: str | None = None):
-    """The stock pipeline (inspect_model has checked the model first)."""
+                  no_download: str | None = None, progress: bool = False):
+    """The stock pipeline (inspect_model has checked the model first); `progress`: its own bar of
+    the steps of each call, on stderr."""
     from diffusers import DiffusionPipeline
 
     from . import presets
 
-    if settings.preset:
-        pipe = presets.build_pipeline(settings.preset, seed=0)
-        if dtype != torch.float32:
-            pipe = pipe.to(dtype=dtype)
-    else:
-        path = os.path.expanduser(settings.model)
-        local = os.path.isdir(path)
-        try:
-            pipe = DiffusionPipeline.from_pretrained(path if local else settings.model, dtype=dtype,
-                                                     local_files_only=local or no_download is not None)
-        except (OSError, ValueError) as e:   # weights missing from the cache or the download
-            if local:
-                raise
-            raise ModelMissing(missing_model_message(settings.model, _first_line(e), no_download)) from None
+    with _no_torchvision_notice():
+        if settings.preset:
+            pipe = presets.build_pipeline(settings.preset, seed=0)
+            if dtype != torch.float32:
+                pipe = pipe.to(dtype=dtype)
+        else:
+            path = os.path.expanduser(settings.model)
+            local = os.path.isdir(path)
+            try:
+                pipe = DiffusionPipeline.from_pretrained(path if local else settings.model, dtype=dtype,
+                                                         local_files_only=local or no_download is not None)
+            except (OSError, ValueError) as e:   # weights missing from the cache or the download
+                if local:
+                    raise
+                raise ModelMissing(missing_model_message(settings.model, _first_line(e), no_download)) from None
     pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
+    # the pipeline's bar counts steps as the pipeline does (scheduler order included); cleared when
+    # a call ends, so a grid's calls reuse one line under the images bar
+    pipe.set_progress_bar_config(disable=not progress, desc="steps", leave=False)
     return pipe
 
 
@@ -537,15 +559,16 @@ def default_size(pipe) -> tuple[int, int]:
     return px, px
 
 
-def _apply_scheduler(pipe, scheduler: dict | None):
-    """A PNG's scheduler (SCHEMA checked that from_config takes it) on the pipeline it fits."""
+def _apply_scheduler(pipe, scheduler: dict | None, corrupt: str):
+    """A PNG's or file's scheduler (SCHEMA checked that from_config takes it) on the pipeline it
+    fits; `corrupt` starts the error that it does not."""
     if not scheduler or _scheduler_of(pipe) == scheduler:
         return
     import diffusers
 
     compatible = sorted(c.__name__ for c in pipe.scheduler.compatibles)
     if scheduler["class"] not in compatible:
-        raise ValueError(f"corrupt guidance-rt metadata: scheduler: {scheduler['class']} does not fit "
+        raise ValueError(f"{corrupt}: scheduler: {scheduler['class']} does not fit "
                          f"{type(pipe).__name__}; compatible: {', '.join(compatible)}")
     pipe.scheduler = getattr(diffusers, scheduler["class"]).from_config(scheduler["config"])
 
@@ -681,6 +704,10 @@ def png_info(settings: Settings):
     return info
 
 
+CORRUPT_PNG = "corrupt guidance-rt metadata"
+CORRUPT_FILE = "corrupt guidance-rt settings"
+
+
 def read_settings(path: str) -> Settings:
     """A PNG's settings, every field checked (ValueError "corrupt guidance-rt metadata: ...")."""
     from PIL import Image
@@ -695,12 +722,34 @@ def read_settings(path: str) -> Settings:
     try:
         return Settings.from_json(text)
     except SettingsError as e:
-        raise ValueError(f"corrupt guidance-rt metadata: {e}") from None
+        raise ValueError(f"{CORRUPT_PNG}: {e}") from None
+
+
+def read_settings_file(path: str) -> Settings:
+    """A settings file's settings (--save-settings writes them), every field checked (ValueError
+    "corrupt guidance-rt settings: ...")."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {_first_line(e)}") from None
+    try:
+        return Settings.from_json(text)
+    except SettingsError as e:
+        raise ValueError(f"{CORRUPT_FILE}: {e}") from None
 
 
 def save(image, settings: Settings, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     image.save(path, pnginfo=png_info(settings))
+    return path
+
+
+def write_settings(settings: Settings, path: str) -> str:
+    """The settings as a file for --settings: the JSON a PNG stores, indented for reading."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(settings.to_json(indent=1) + "\n")
     return path
 
 
@@ -833,22 +882,29 @@ def plan_grid(base: Settings, guidance: Guidance, axes: list[Axis]) -> list[Cell
     return cells
 
 
-def run_grid(pipe, cells: list[Cell], log: Callable[[str], None] = lambda s: None) -> list[Cell]:
+def run_grid(pipe, cells: list[Cell], log: Callable[[str], None] = lambda s: None,
+             progress: bool = False) -> list[Cell]:
     """Every cell in the same seed; each group of cells sharing a step configuration is one
-    packed batch (one pipeline call with per-sample Guidances)."""
+    packed batch (one pipeline call with per-sample Guidances). `progress`: a bar of the images
+    on stderr when there are several calls (the pipeline's own bar counts each call's steps)."""
+    from tqdm.auto import tqdm
+
     groups = sorted({c.group for c in cells})
     log(f"grid: {len(cells)} cells in {len(groups)} packed batch(es)")
-    for gid in groups:
-        members = [c for c in cells if c.group == gid]
-        if len(members) == 1:
-            members[0].image = generate(pipe, members[0].settings, members[0].guidance)[0]
-            continue
-        pack = [c.settings.guidance for c in members]
-        for k, c in enumerate(members):
-            c.settings.pack, c.settings.batch, c.settings.index = pack, len(pack), k
-        images = generate(pipe, members[0].settings, members[0].guidance)
-        for c, image in zip(members, images):
-            c.image = image
+    with tqdm(total=len(cells), desc="images", unit="image", file=sys.stderr, leave=False,
+              disable=not progress or len(groups) == 1) as bar:
+        for gid in groups:
+            members = [c for c in cells if c.group == gid]
+            if len(members) == 1:
+                members[0].image = generate(pipe, members[0].settings, members[0].guidance)[0]
+            else:
+                pack = [c.settings.guidance for c in members]
+                for k, c in enumerate(members):
+                    c.settings.pack, c.settings.batch, c.settings.index = pack, len(pack), k
+                images = generate(pipe, members[0].settings, members[0].guidance)
+                for c, image in zip(members, images):
+                    c.image = image
+            bar.update(len(members))
     return cells
 
 
@@ -905,11 +961,12 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def settings_from_args(args) -> Settings:
-    """The settings a generate command line asks for: a PNG's (checked when read) with the
-    options given in their place, all checked with SCHEMA (problems name the option)."""
-    if args.from_image:
-        s = read_settings(args.from_image)
-        s.label = None
+    """The settings a generate command line asks for: a PNG's or a settings file's (checked when
+    read) with the options given in their place, all checked with SCHEMA (problems name the
+    option)."""
+    if args.from_image or args.settings:
+        s = read_settings(args.from_image) if args.from_image else read_settings_file(args.settings)
+        s.label = None   # a grid cell's label is not the re-made image's
     else:
         s = Settings(model=args.model, preset=args.preset)
     if args.guidance is not None:
@@ -950,49 +1007,56 @@ def main(args, log: Callable[[str], None] = print) -> list[str]:
 
 def _main(args, log: Callable[[str], None]) -> list[str]:
     s = settings_from_args(args)
-    from_image = args.from_image
+    source = args.from_image or args.settings   # settings read from a PNG or a settings file
     device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     check_device(device)
     dtype = getattr(torch, s.dtype) if s.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     s.device, s.dtype = str(device), _dtype_name(dtype)
-    # a hub id read from a PNG is fetched only when asked for: a file should not start a download
-    no_download = (f"a model named in {from_image} is downloaded only with --allow-download"
-                   if from_image and not args.allow_download else None)
+    # a hub id read from a file is fetched only when asked for: a file should not start a download
+    no_download = (f"a model named in {source} is downloaded only with --allow-download"
+                   if source and not args.allow_download else None)
     info = inspect_model(s, no_download)
     s, guidance = prepare(s, info, explicit_negative=args.negative_prompt is not None)
     stored = copy.deepcopy(s)
-    pipe = load_pipeline(s, dtype, device, no_download)
-    if from_image:
-        _apply_scheduler(pipe, stored.scheduler)
+    progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    pipe = load_pipeline(s, dtype, device, no_download, progress=progress)
+    if source:
+        _apply_scheduler(pipe, stored.scheduler, CORRUPT_PNG if args.from_image else CORRUPT_FILE)
         if stored.threads and device.type == "cpu":
             torch.set_num_threads(stored.threads)   # CPU kernels' results depend on the threads
         if stored.versions and stored.versions != _versions():
-            log(f"note: {from_image} was made with {stored.versions}; bit-identical reproduction "
+            log(f"note: {source} was made with {stored.versions}; bit-identical reproduction "
                 "needs the same versions, device and dtype")
     s = finish(s, pipe)
+    paths = []
+    if args.save_settings:   # before generating: a run that fails later still leaves them
+        paths.append(write_settings(s, args.save_settings))
+        log(f"wrote {args.save_settings}")
+    log(f"{s.pipeline}: {s.prompt!r}, guidance {s.guidance or '(none)'}, {s.steps} steps, "
+        f"{s.width}x{s.height}, seed {s.seed}, " + (f"grid {' '.join(s.grid)}" if s.grid else f"batch {s.batch}"))
+    if args.dry_run:
+        log("dry run: nothing generated")
+        return paths
     out = args.out or (
-        os.path.splitext(from_image)[0] + "-again.png" if from_image else
+        os.path.splitext(args.from_image)[0] + "-again.png" if args.from_image else
         "guidance-rt-grid.png" if s.grid else "guidance-rt.png")
     if s.grid is not None:
         axes = parse_grid(s.grid)
         cells = plan_grid(s, guidance, axes)
-        run_grid(pipe, cells, log)
+        run_grid(pipe, cells, log, progress=progress)
         grid = compose_grid(cells, axes, title=f"{s.prompt} | {s.guidance} | seed {s.seed}")
-        paths = [save(grid, s, out)]
+        paths.append(save(grid, s, out))
         for k, c in enumerate(cells):
             paths.append(save(c.image, c.settings, _numbered(out, k, len(cells), "cell")))
-        log(f"wrote {paths[0]} ({len(cells)} cells) and {len(cells)} cell images")
+        log(f"wrote {out} ({len(cells)} cells) and {len(cells)} cell images")
         return paths
-    log(f"{s.pipeline}: {s.prompt!r}, guidance {s.guidance or '(none)'}, {s.steps} steps, "
-        f"{s.width}x{s.height}, seed {s.seed}, batch {s.batch}")
     images = generate(pipe, s, guidance)
-    # --from-image writes the image it was (unless --batch asks for a new batch)
-    one = from_image and args.batch is None
-    paths = []
+    # a PNG re-makes the image it was, and a packed grid group (whose images have other
+    # guidances) the cell it was; --batch asks for a new batch, every image of which is written
+    one = args.batch is None and bool(args.from_image or s.pack)
     for i in ([s.index] if one else range(len(images))):
         si = copy.deepcopy(s)
         si.index = i
         paths.append(save(images[i], si, out if one else _numbered(out, i, len(images))))
-    for p in paths:
-        log(f"wrote {p}")
+        log(f"wrote {paths[-1]}")
     return paths

@@ -1,6 +1,8 @@
-"""guidance-rt bench / generate / spec, in-process and as subprocesses, on tiny presets."""
+"""guidance-rt bench / generate / spec on tiny presets: in-process, and as a subprocess where a
+fresh process is what is tested."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,13 +13,12 @@ from PIL import Image
 from guidance_rt import bench, generate, presets
 from guidance_rt.cli import main
 
-QUICK = ["--repeats", "2", "--warmup", "1", "--no-progress"]
+QUICK = ["--repeats", "1", "--warmup", "0", "--no-progress"]   # timing is not what these test
 
 
-def _run(*args, env=None, timeout=240):
-    e = dict(os.environ, **(env or {}))
+def _run(*args, timeout=240):
     return subprocess.run([sys.executable, "-m", "guidance_rt", *args], capture_output=True, text=True,
-                          env=e, timeout=timeout)
+                          timeout=timeout)
 
 
 def _strict_json(path):
@@ -51,13 +52,19 @@ def test_bench_prints_table_and_writes_json_with_every_column(tmp_path, capsys):
     guider = by[("CFG+SLG[7,8,9]", "diffusers-guiders")]
     assert guider["status"] == "missing" and guider["reason"].startswith("crashed: ")
     assert "MISSING: crashed" in text
+    # the legend says what vs peer and NOISY mean; the summary after it answers "how much faster?"
+    assert "vs peer: the peer's ms / guidance-rt's ms (guidance-rt's row: the fastest working peer)" in text
+    assert "NOISY: IQR above 20% of the median after re-timing" in text
+    summary = text[text.index("guidance-rt's speed-up over each peer (peer ms / guidance-rt ms):"):]
+    assert re.search(r"tiny-sd3 b1 CFG\+SLG\[7,8,9\]: \d+\.\d\dx diffusers-pipelines", summary), summary
+    assert "diffusers-guiders crashed" in summary
 
 
-def test_bench_subprocess(tmp_path):
-    r = _run("bench", "--preset", "tiny-sd15", "--guidance", "cfg=5 seg=3@mid:sigma=2", "--impl", "guidance-rt",
-             "--impl", "reference", "--repeats", "1", "--warmup", "0")
-    assert r.returncode == 0, r.stderr
-    assert "cfg=5 seg=3@mid:sigma=2" in r.stdout and "reference" in r.stdout and "floor" in r.stdout
+def test_bench_runs_the_chosen_implementations(capsys):
+    assert main(["bench", "--preset", "tiny-sd15", "--guidance", "cfg=5 seg=3@mid:sigma=2", "--impl", "guidance-rt",
+                 "--impl", "reference", "--repeats", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "cfg=5 seg=3@mid:sigma=2" in out and "reference" in out and "floor" in out
 
 
 def test_bench_errors(capsys):
@@ -70,6 +77,11 @@ def test_bench_errors(capsys):
     assert "mid" in err and "valid layers" in err
     assert main(["bench", "--preset", "tiny-nothing", *QUICK]) == 2
     assert "unknown preset 'tiny-nothing'" in capsys.readouterr().err
+    # neither a standard name nor a spec: the standard names of the preset's family are listed
+    assert main(["bench", "--preset", "tiny-sd3", "--guidance", "CFG+SLG[7,8]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guidance-rt bench: configuration 'CFG+SLG[7,8]' is neither a standard name "
+                          "(sd3: CFG, CFG+SLG[7,8,9]) nor a guidance spec: unknown guidance term"), err
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -77,12 +89,13 @@ def test_bench_errors(capsys):
 def test_generate_writes_pngs_that_reproduce_themselves(tmp_path, capsys):
     out = tmp_path / "img.png"
     rc = main(["generate", "--preset", "tiny-sdxl", "--prompt", "a red cat", "--negative-prompt", "blur",
-               "--guidance", "cfg=5 pag=3@mid tpg=2@d6-d23", "--steps", "2", "--size", "128x96",
+               "--guidance", "cfg=5 pag=3@mid tpg=2@d6-d23", "--steps", "2", "--size", "64x48",
                "--seed", "11", "--batch", "2", "--out", str(out)])
     assert rc == 0
+    assert capsys.readouterr().err == ""          # no progress bar: stderr is not a terminal
     paths = [tmp_path / "img-0.png", tmp_path / "img-1.png"]
     assert all(p.exists() for p in paths)
-    assert Image.open(paths[1]).size == (128, 96)
+    assert Image.open(paths[1]).size == (64, 48)
     s = generate.read_settings(str(paths[1]))
     assert (s.prompt, s.negative_prompt, s.steps, s.seed, s.batch, s.index) == ("a red cat", "blur", 2, 11, 2, 1)
     assert s.guidance == "cfg=5 pag=3@mid tpg=2@d6-d23" and s.guidance_json["terms"][1]["type"] == "PAG"
@@ -90,11 +103,14 @@ def test_generate_writes_pngs_that_reproduce_themselves(tmp_path, capsys):
     assert s.versions["torch"] and s.versions["diffusers"]
     assert Image.open(paths[1]).text["prompt"] == "a red cat"
     assert not np.array_equal(_pixels(paths[0]), _pixels(paths[1]))
-    # a fresh process re-makes image 1 of the batch from its own metadata, bit for bit
+    # a fresh process re-makes image 1 of the batch from its own metadata, bit for bit; its
+    # stderr has the progress bar asked for and not transformers' notice about torchvision
     again = tmp_path / "again.png"
-    r = _run("generate", "--from-image", str(paths[1]), "--out", str(again))
+    r = _run("generate", "--from-image", str(paths[1]), "--out", str(again), "--progress")
     assert r.returncode == 0, r.stderr
     assert np.array_equal(_pixels(again), _pixels(paths[1]))
+    assert re.search(r"steps: +\d+%\|.*\| [0-2]/2 \[", r.stderr), r.stderr
+    assert "torchvision" not in r.stderr, r.stderr
     # options given with --from-image override the stored ones
     other = tmp_path / "other.png"
     assert main(["generate", "--from-image", str(paths[1]), "--guidance", "cfg=5", "--out", str(other)]) == 0
@@ -155,6 +171,50 @@ def test_grid_cells_sharing_a_step_configuration_run_as_one_packed_batch(tmp_pat
     assert main(["generate", "--from-image", str(cells[1]), "--out", str(again)]) == 0
     assert np.array_equal(_pixels(again), _pixels(cells[1]))
     assert generate.read_settings(str(again)).guidance == settings[1].guidance
+    # and from its settings file: the group runs again and only that cell is written
+    saved, from_file = tmp_path / "cell1.json", tmp_path / "from-file.png"
+    assert main(["generate", "--from-image", str(cells[1]), "--dry-run", "--save-settings", str(saved)]) == 0
+    assert main(["generate", "--settings", str(saved), "--out", str(from_file)]) == 0
+    assert np.array_equal(_pixels(from_file), _pixels(cells[1]))
+    assert not list(tmp_path.glob("from-file-*.png"))
+
+
+def test_generate_progress_bars(tmp_path, capsys):
+    """--progress: the pipeline's bar of each call's steps, and a bar of the images when a grid
+    makes several calls; without it (stderr is not a terminal under pytest) nothing on stderr."""
+    argv = ["generate", "--preset", "tiny-sd15", "--steps", "2", "--size", "64x64", "--grid", "pag=0,3",
+            "--out", str(tmp_path / "grid.png")]
+    assert main([*argv, "--progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "2 cells in 2 packed batch(es)" in out
+    assert re.search(r"images: +\d+%\|.*\| [0-2]/2 \[", err) and re.search(r"steps: +\d+%\|.*\| [0-2]/2 \[", err), err
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
+    assert main([*argv, "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_settings_file_round_trip(tmp_path, capsys):
+    """--save-settings writes the JSON the PNG stores; --settings runs it again, bit for bit, with
+    options given overriding it; --dry-run resolves and writes the same settings, and no image."""
+    saved, first = tmp_path / "cat.json", tmp_path / "cat.png"
+    assert main(["generate", "--preset", "tiny-sd15", "--prompt", "a red cat", "--guidance", "cfg=5 pag=2@mid",
+                 "--steps", "2", "--size", "64x64", "--seed", "5", "--save-settings", str(saved),
+                 "--out", str(first)]) == 0
+    assert f"wrote {saved}" in capsys.readouterr().out
+    assert json.loads(saved.read_text()) == json.loads(Image.open(first).text[generate.METADATA_KEY])
+    again = tmp_path / "again.png"
+    assert main(["generate", "--settings", str(saved), "--out", str(again)]) == 0
+    assert np.array_equal(_pixels(again), _pixels(first))
+    assert generate.read_settings(str(again)) == generate.read_settings(str(first))
+    other = tmp_path / "other.png"
+    assert main(["generate", "--settings", str(saved), "--steps", "1", "--out", str(other)]) == 0
+    assert generate.read_settings(str(other)).steps == 1
+    dry, none = tmp_path / "dry.json", tmp_path / "none.png"
+    assert main(["generate", "--settings", str(saved), "--dry-run", "--save-settings", str(dry),
+                 "--out", str(none)]) == 0
+    assert "dry run: nothing generated" in capsys.readouterr().out
+    assert json.loads(dry.read_text()) == json.loads(saved.read_text()) and not none.exists()
 
 
 def test_grid_planning_groups_step_configurations():
@@ -175,12 +235,17 @@ def test_grid_planning_groups_step_configurations():
             generate.plan_grid(base, g, generate.parse_grid([bad]))
 
 
-def test_generate_missing_model_says_what_to_do(tmp_path):
-    r = _run("generate", "--model", "stabilityai/stable-diffusion-xl-base-1.0", "--steps", "2",
-             "--out", str(tmp_path / "x.png"), env={"HF_HUB_OFFLINE": "1"}, timeout=120)
-    assert r.returncode == 2
-    assert "stabilityai/stable-diffusion-xl-base-1.0" in r.stderr and "not on this machine" in r.stderr
-    assert "local folder" in r.stderr and "--preset tiny-sdxl" in r.stderr
+def test_generate_missing_model_says_what_to_do(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    # HF_HUB_OFFLINE=1 as a fresh process would read it when huggingface_hub is imported
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["generate", "--model", "stabilityai/stable-diffusion-xl-base-1.0", "--steps", "2",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in err and "not on this machine" in err
+    assert "HF_HUB_OFFLINE is set" in err and "local folder" in err and "--preset tiny-sdxl" in err
     assert not (tmp_path / "x.png").exists()
 
 
@@ -196,11 +261,11 @@ def pipeline_folder(tmp_path_factory):
 def test_local_folders(pipeline_folder, tmp_path, capsys):
     # generate --model <pipeline folder>
     out = tmp_path / "f.png"
-    assert main(["generate", "--model", str(pipeline_folder), "--steps", "2", "--out", str(out)]) == 0
+    assert main(["generate", "--model", str(pipeline_folder), "--steps", "1", "--size", "64x64", "--out", str(out)]) == 0
     assert generate.read_settings(str(out)).model == str(pipeline_folder)
     # the same images as the preset it was saved from
     ref = tmp_path / "p.png"
-    assert main(["generate", "--preset", "tiny-sdxl", "--steps", "2", "--out", str(ref)]) == 0
+    assert main(["generate", "--preset", "tiny-sdxl", "--steps", "1", "--size", "64x64", "--out", str(ref)]) == 0
     assert np.array_equal(_pixels(out), _pixels(ref))
     # bench --preset <pipeline folder>, and a model folder (its unet/) loads too
     js = tmp_path / "b.json"

@@ -191,6 +191,31 @@ def test_tampered_png_metadata_is_reported_before_building(name, png, no_build, 
     assert message.startswith(f"corrupt guidance-rt metadata: {problem}"), message
 
 
+@pytest.mark.parametrize("name", sorted(TAMPERED))
+def test_corrupt_settings_file_is_reported_before_building(name, tmp_path, no_build, capsys):
+    """A --settings file goes through the same checks as a PNG's settings."""
+    text, problem = TAMPERED[name]
+    path = tmp_path / "settings.json"
+    path.write_text(text)
+    message = _error(capsys, ["generate", "--settings", str(path)])
+    assert message.startswith(f"corrupt guidance-rt settings: {problem}"), message
+
+
+def test_settings_file_problems_outside_its_fields(tmp_path, no_build, capsys):
+    assert _error(capsys, ["generate", "--settings", str(tmp_path / "none.json")]).startswith(
+        f"cannot read {tmp_path / 'none.json'}: [Errno 2]")
+    png = tmp_path / "image.png"
+    Image.new("RGB", (4, 4)).save(png)
+    assert _error(capsys, ["generate", "--settings", str(png)]).startswith(f"cannot read {png}: 'utf-8' codec")
+
+
+def test_valid_settings_file_reaches_the_build_with_options_overriding(tmp_path, reaches_build):
+    path = tmp_path / "settings.json"
+    path.write_text(_edit())
+    s = _reached(["generate", "--settings", str(path), "--seed", "9"])
+    assert (s.preset, s.steps, s.seed) == ("tiny-sd15", 2, 9)
+
+
 def test_fuzzed_png_metadata_is_a_clear_error_or_valid_settings():
     """Random values of random JSON types in random fields: read as valid settings, or a
     "corrupt guidance-rt metadata" ValueError, never another exception."""
@@ -226,6 +251,12 @@ def test_png_scheduler_must_fit_the_pipeline(png, capsys, tmp_path):
     message = _error(capsys, ["generate", "--from-image", path, "--out", str(tmp_path / "x.png")])
     assert message.startswith("corrupt guidance-rt metadata: scheduler: FlowMatchEulerDiscreteScheduler "
                               "does not fit StableDiffusionPipeline; compatible: DDIMScheduler")
+    # the same from a settings file
+    file = tmp_path / "settings.json"
+    file.write_text(_edit_scheduler("FlowMatchEulerDiscreteScheduler"))
+    message = _error(capsys, ["generate", "--settings", str(file), "--out", str(tmp_path / "x.png")])
+    assert message.startswith("corrupt guidance-rt settings: scheduler: FlowMatchEulerDiscreteScheduler "
+                              "does not fit StableDiffusionPipeline")
 
 
 def test_unreadable_images(tmp_path, capsys, no_build):
@@ -241,7 +272,8 @@ def test_unreadable_images(tmp_path, capsys, no_build):
 
 # ---------------------------------------------------------------------------------------- hub models
 
-def test_a_hub_model_named_in_a_png_is_not_downloaded_without_the_flag(png, no_build, monkeypatch, capsys):
+def test_a_hub_model_named_in_a_png_is_not_downloaded_without_the_flag(png, no_build, monkeypatch, capsys,
+                                                                      tmp_path):
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -259,6 +291,13 @@ def test_a_hub_model_named_in_a_png_is_not_downloaded_without_the_flag(png, no_b
                               "downloaded only with --allow-download)")
     _error(capsys, ["generate", "--from-image", path, "--allow-download"])
     assert calls[-1] == ("org/some-model", "model_index.json", False)
+    # nor one named in a settings file
+    file = tmp_path / "settings.json"
+    file.write_text(_edit(preset=None, model="org/some-model"))
+    assert _error(capsys, ["generate", "--settings", str(file)]).startswith(
+        f"model 'org/some-model' is not on this machine (a model named in {file} is downloaded only with "
+        "--allow-download)")
+    assert calls[-1] == ("org/some-model", "model_index.json", True)
     # a hub id on the command line may be downloaded, as before
     _error(capsys, ["generate", "--model", "org/other"])
     assert calls[-1] == ("org/other", "model_index.json", False)
@@ -327,9 +366,28 @@ def test_boundary_seed_and_sizes_pass(reaches_build):
     assert (s.seed, s.batch) == (MAX_SEED - 1, 2)
 
 
+def test_each_subcommand_takes_the_presets_it_can_run(capsys, no_build):
+    """generate builds tiny presets only: a full-size one is a usage error, listing the tiny ones,
+    and its --help lists only those; spec and layers take every preset."""
+    tiny = "tiny-sd15, tiny-sdxl, tiny-sd3, tiny-sd35, tiny-flux"
+    assert _error(capsys, ["generate", "--preset", "sdxl"]) == (
+        f"argument --preset: 'sdxl' is not a tiny preset; generate builds {tiny} (random weights); a real "
+        "model goes in --model (see guidance-rt generate --help)")
+    assert main(["generate", "--help"]) == 0
+    text = "".join(capsys.readouterr().out.split())   # help wraps lines, also at hyphens
+    assert f"randomweights({tiny.replace(' ', '')})" in text and "sd3-medium" not in text
+    for command in ("spec", "layers"):
+        assert main([command, "--help"]) == 0
+        text = "".join(capsys.readouterr().out.split())
+        assert "sd35-large,flux-dev,tiny-sd15" in text, command
+    assert "both(default)" in text   # layers --help: the default mode
+    assert _error(capsys, ["layers", "--preset", "tiny-nothing"], "layers").startswith(
+        "argument --preset: unknown preset 'tiny-nothing'; known: sd15, sdxl")
+
+
 def test_usage_errors_are_one_line(capsys):
-    assert _error(capsys, ["generate"]) == ("one of the arguments --model --preset --from-image is required "
-                                            "(see guidance-rt generate --help)")
+    assert _error(capsys, ["generate"]) == ("one of the arguments --model --preset --from-image --settings is "
+                                            "required (see guidance-rt generate --help)")
     assert _error(capsys, ["bench", "--seed", "-1"], "bench") == (
         "argument --seed: must be >= 0, got -1 (see guidance-rt bench --help)")
     assert _error(capsys, ["bench", "--seed", str(2**63)], "bench").startswith(
@@ -408,7 +466,7 @@ def test_spec_checks_against_a_preset(capsys):
     assert main(["spec", "pag=3@mid", "--preset", "tiny-sdxl"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "pag=3@mid"
     assert _error(capsys, ["spec", "cfg", "--preset", "tiny-nothing"], "spec").startswith(
-        "unknown preset 'tiny-nothing'; known: sd15, sdxl")
+        "argument --preset: unknown preset 'tiny-nothing'; known: sd15, sdxl")
     assert _error(capsys, ["spec", "cfg", "--model", "org/not-here"], "spec").startswith(
         "model 'org/not-here' is not on this machine (guidance-rt spec does not download)")
 
