@@ -719,10 +719,7 @@ def read_settings(path: str) -> Settings:
         raise ValueError(f"cannot read {path}: {_first_line(e)}") from None
     if not text:
         raise ValueError(f"{path} has no guidance-rt settings (it was not written by guidance-rt generate)")
-    try:
-        return Settings.from_json(text)
-    except SettingsError as e:
-        raise ValueError(f"{CORRUPT_PNG}: {e}") from None
+    return _parsed(text, CORRUPT_PNG)
 
 
 def read_settings_file(path: str) -> Settings:
@@ -733,10 +730,15 @@ def read_settings_file(path: str) -> Settings:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {path}: {_first_line(e)}") from None
+    return _parsed(text, CORRUPT_FILE)
+
+
+def _parsed(text: str, corrupt: str) -> Settings:
+    """Settings from their JSON, every field checked; a problem is a ValueError "<corrupt>: ..."."""
     try:
         return Settings.from_json(text)
     except SettingsError as e:
-        raise ValueError(f"{CORRUPT_FILE}: {e}") from None
+        raise ValueError(f"{corrupt}: {e}") from None
 
 
 def save(image, settings: Settings, path: str) -> str:

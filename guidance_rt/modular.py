@@ -37,7 +37,7 @@ import torch
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
 from .denoiser import GuidedDenoiser, check_per_sample
-from .pipelines import denoiser_output
+from .pipelines import denoiser_output, forward_arguments, forward_signature
 from .spec import load_guidance, to_dict
 from .terms import Guidance
 
@@ -122,7 +122,7 @@ class PackedGuider(BaseGuidance):
         den = self._denoiser
         had, original = "forward" in denoiser.__dict__, denoiser.__dict__.get("forward")
         stock = denoiser.forward
-        signature = inspect.signature(type(denoiser).forward.__get__(denoiser))
+        signature = forward_signature(denoiser)
         owner = threading.get_ident()
 
         def restore():
@@ -148,12 +148,7 @@ class PackedGuider(BaseGuidance):
         self._pairs = {}
 
     def _packed_call(self, den: GuidedDenoiser, signature: inspect.Signature, args, kwargs):
-        arguments = dict(signature.bind(*args, **kwargs).arguments)
-        arguments.update(arguments.pop("kwargs", None) or {})
-        return_dict = arguments.pop("return_dict", True)
-        sample = arguments.pop("sample" if "sample" in arguments else "hidden_states")
-        timestep = arguments.pop("timestep")
-        cond = {k: v for k, v in arguments.items() if v is not None}
+        sample, timestep, cond, return_dict = forward_arguments(signature, args, kwargs)
         if any(k in cond for k in _CONTROL_RESIDUALS) and any(g.needs_uncond() for g in self.guidances):
             raise NotImplementedError(
                 "PackedGuider with CFG does not support the ControlNet denoise loop: the loop "

@@ -235,11 +235,26 @@ def check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], 
         raise ValueError("FluxPipeline with a CFG term needs negative_prompt (true CFG)")
 
 
+def forward_signature(model) -> inspect.Signature:
+    """The signature of the model class's forward: pipelines pass its arguments, and an instance
+    `forward` set on the model may be a bare (*args, **kwargs) wrapper."""
+    return inspect.signature(type(model).forward.__get__(model))
+
+
+def forward_arguments(signature: inspect.Signature, args, kwargs):
+    """A denoiser call's (sample, timestep, its other arguments without the Nones, return_dict)."""
+    arguments = dict(signature.bind(*args, **kwargs).arguments)
+    arguments.update(arguments.pop("kwargs", None) or {})
+    return_dict = arguments.pop("return_dict", True)
+    sample = arguments.pop("sample" if "sample" in arguments else "hidden_states")
+    timestep = arguments.pop("timestep")
+    return sample, timestep, {k: v for k, v in arguments.items() if v is not None}, return_dict
+
+
 def _patched_forward(model, stock):
     """The model's forward while guided() is open on it: the guided prediction for a guided call
     of a pipeline on this model running in this thread / task, else the stock forward."""
-    # the pipeline passes the class forward's arguments; an instance `forward` may be a bare wrapper
-    signature = inspect.signature(type(model).forward.__get__(model))
+    signature = forward_signature(model)
 
     def forward(*args, **kwargs):
         call = _CALL.get()
@@ -254,15 +269,7 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
     binding = call.binding
     den = call.den
     pipe_steps = call.pipe._num_timesteps
-    bound = signature.bind(*args, **kwargs)
-    arguments = dict(bound.arguments)
-    extra = arguments.pop("kwargs", {}) or {}
-    arguments.update(extra)
-    return_dict = arguments.pop("return_dict", True)
-    sample_key = "sample" if "sample" in arguments else "hidden_states"
-    sample = arguments.pop(sample_key)
-    timestep = arguments.pop("timestep")
-    arguments = {k: v for k, v in arguments.items() if v is not None}
+    sample, timestep, arguments, return_dict = forward_arguments(signature, args, kwargs)
 
     if binding.kind == "FluxPipeline" and call.pending is not None:
         out, call.pending = call.pending, None     # the true-CFG uncond call of this step
@@ -354,10 +361,11 @@ def _guided_class(original_class: type) -> type:
         call = None
         if binding is not None:
             name = original_class.__name__
-            params = inspect.signature(original_class.__call__).parameters
+            signature = inspect.signature(original_class.__call__)
+            params = signature.parameters
             # removed first: the stock __call__ must never see them (SD3 would run its own SLG)
             given = pop_arguments(name, kind, params, kwargs)
-            bound = inspect.signature(original_class.__call__).bind(self, *args, **kwargs)
+            bound = signature.bind(self, *args, **kwargs)
             args, kwargs = (), {k: v for k, v in bound.arguments.items() if k != "self"}
             kwargs.update(kwargs.pop("kwargs", {}) if "kwargs" in params else {})
             if binding.guidances is None:
