@@ -16,7 +16,7 @@ from diffusers import StableDiffusionXLPAGPipeline
 
 import guidance_rt as grt
 from guidance_rt import presets
-from guidance_rt.layers import enumerate_layers
+from guidance_rt.families import enumerate_layers
 
 
 def timed(fn, repeats, device):

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: the per-row attention variants behind guidance_rt.attention (PAG
+"""pytest-benchmark suite: the per-row attention variants behind guidance_rt.ops (PAG
 identity, SoftPAG, SEG mean / blur queries) against plain SDPA and, on CUDA, each SDPA backend
 (flash, efficient, cuDNN, math). extra_info carries FLOPs and bytes per call, so TFLOP/s and
 GB/s follow from the timings. CI runs each once on small shapes; on a GPU the shapes are SDXL's
@@ -9,8 +9,8 @@ at 1024^2:
 import pytest
 import torch
 
-from guidance_rt import attention
-from guidance_rt.plan import BLUR, IDENTITY, MEAN, SOFT, Segment
+from guidance_rt import ops
+from guidance_rt.effects import AttnVariant, Segment
 
 from _common import DEVICE, DTYPE, synced
 
@@ -20,10 +20,10 @@ SHAPES = ([(3, 10, 4096, 64, (64, 64)), (3, 20, 1024, 64, (32, 32))] if DEVICE.t
           else [(2, 2, 64, 16, (8, 8))])
 VARIANTS = {
     "sdpa": None,
-    "pag-identity": Segment(0, 0, IDENTITY),
-    "softpag-0.5": Segment(0, 0, SOFT, beta=0.5),
-    "seg-mean": Segment(0, 0, MEAN),
-    "seg-blur-2": Segment(0, 0, BLUR, sigma=2.0),
+    "pag-identity": AttnVariant(pag=1.0),
+    "softpag-0.5": AttnVariant(pag=0.5),
+    "seg-mean": AttnVariant(blur=float("inf")),
+    "seg-blur-2": AttnVariant(blur=2.0),
 }
 
 
@@ -34,18 +34,18 @@ def _qkv(rows, heads, n, d):
 
 def _variant(name, rows, heads, n, d, grid):
     q, k, v = _qkv(rows, heads, n, d)
-    seg = VARIANTS[name]
-    if seg is None:
-        return lambda: attention.sdpa(q, k, v)
-    seg = Segment(0, rows, seg.mode, seg.beta, seg.heads, seg.sigma)
-    if seg.mode in (MEAN, BLUR):   # the query perturbation works on tokens before the head split
+    variant = VARIANTS[name]
+    if variant is None:
+        return lambda: ops.sdpa(q, k, v)
+    seg = Segment(0, rows, variant)
+    if variant.blur:   # the query perturbation works on tokens before the head split
         def run():
             tokens = q.transpose(1, 2).reshape(rows, n, heads * d)
-            qq = attention.query_variants(tokens, (seg,), grid, slice(None))
+            qq = ops.blur_queries(tokens, (seg,), grid, slice(None))
             qq = qq.reshape(rows, n, heads, d).transpose(1, 2)
-            return attention.variant_attention(qq, k, v, (seg,), mean_identical=seg.mode == MEAN)
+            return ops.variant_attention(qq, k, v, (seg,), mean_identical=variant.mean)
         return run
-    return lambda: attention.variant_attention(q, k, v, (seg,))
+    return lambda: ops.variant_attention(q, k, v, (seg,))
 
 
 def _info(benchmark, rows, heads, n, d, dense: bool):

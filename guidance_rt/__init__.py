@@ -5,7 +5,8 @@ The terms are plain Python; everything that needs torch or diffusers is imported
 """
 import importlib
 
-from .terms import CFG, NAG, PAG, SCFG, SEG, SLG, TPG, Guidance
+from .guidance import Guidance
+from .methods import CFG, NAG, PAG, SCFG, SEG, SLG, TPG
 
 # public name -> module that defines it (imported when first asked for)
 _LAZY = {"GuidedDenoiser": ".denoiser", "NonFiniteError": ".denoiser", "guided": ".pipelines",

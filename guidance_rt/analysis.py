@@ -67,7 +67,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .layers import Layer, enumerate_layers, model_family, resolve_layers
+from .families import enumerate_layers, model_family, resolve_layers
+from .layers import Layer
 
 __all__ = ["PromptPair", "LayerScore", "LayerRanking", "find_layers", "load_pairs", "SHIPPED_PAIRS",
            "pseudo_embedding", "capture_sites", "skip_changes", "plot_ranking", "format_ranking", "run_cli",
@@ -406,7 +407,8 @@ def skip_changes(model: nn.Module, sample: torch.Tensor, timestep, kwargs: dict,
     guidance-rt packed forward per chunk of layers (rows: the inputs, then one copy per layer).
     """
     from .denoiser import GuidedDenoiser
-    from .terms import SLG, Guidance
+    from .guidance import Guidance
+    from .methods import SLG
 
     if chunk < 1:
         raise ValueError(f"skip_chunk must be >= 1, got {chunk}")

@@ -50,9 +50,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import presets, reference, spec as spec_mod
 from .denoiser import GuidedDenoiser
-from .layers import model_family, resolve_layers
+from .families import model_family, resolve_layers
 from .standard import IMPLEMENTATIONS, STANDARD, standard_names
-from .terms import CFG, PAG, SEG, SLG, Guidance
+from .guidance import Guidance
+from .methods import CFG, PAG, SEG, SLG
 
 # ------------------------------------------------------------------------------------------------
 # Standard configurations (the table: standard.py, which the command line reads without torch)

@@ -7,12 +7,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .adapters import adapter_for
-from .combine import combine, scfg_rate
-from .layers import model_family, resolve_layers
+from .combine import combine
+from .families import adapter_for
+from .guidance import Guidance
+from .methods import PerturbationTerm
 from .plan import StepPlan, build_plan
-from .scfg import SemanticMaps
-from .terms import SCFG, SLG, Guidance, PerturbationTerm, TPG
 
 
 @dataclass(frozen=True)
@@ -55,13 +54,10 @@ def check_per_sample(guidance) -> tuple[Guidance, ...]:
                 j = next(j for j, (a, b) in enumerate(zip(first, other)) if a != b)
                 diff = [f for (f, v), (_, u) in zip(first[j][1], other[j][1]) if v != u]
                 why = f"{first[j][0]}.{', '.join(diff)} (term {j})"
-            raise ValueError(f"per-sample Guidances can differ only in {', '.join(Guidance.PER_SAMPLE_FIELDS)} "
-                             f"(NAG not at all); sample {k} differs from sample 0 in {why}")
+            fields = sorted({f for t in items[0].terms for f in t.per_sample_fields})
+            raise ValueError(f"per-sample Guidances can differ only in {', '.join(fields)} (and only where "
+                             f"the term allows: NAG not at all); sample {k} differs from sample 0 in {why}")
     return items
-
-
-# forward arguments that are not batched per sample (shared by every row)
-UNBATCHED = {"flux": ("txt_ids", "img_ids")}
 
 
 def _check_batch(value, batch: int, unbatched: tuple[str, ...], where: str, name: str = ""):
@@ -177,28 +173,21 @@ class GuidedDenoiser:
     def __init__(self, model: nn.Module, guidance: Guidance | Sequence[Guidance], *,
                  check_inputs: bool = True):
         per_sample = check_per_sample(guidance)
-        self.family = model_family(model)
+        self.adapter = adapter_for(model)
+        self.family = self.adapter.name
         self.model = model
         self.guidance = per_sample[0]           # the terms, layers and fields every sample shares
         self.per_sample = per_sample if isinstance(guidance, (list, tuple)) else None
         guidance = self.guidance
         self.check_inputs = check_inputs
-        if isinstance(guidance.cfg, SCFG) and self.family != "unet":
-            raise NotImplementedError(f"SCFG (semantic-aware CFG) is supported on UNet models (SD1.5, SDXL) "
-                                      f"only, not on {type(model).__name__}; use CFG")
-        self.adapter = adapter_for(model)
-        # weighted multi-skip pairs weights with layers in the order the user named them
-        self.layers_of = {i: resolve_layers(model, t.layers, type(t).__name__,
-                                            keep_order=isinstance(t, SLG) and t.weights is not None)
+        a = self.adapter
+        self.layers_of = {i: a.resolve(model, a.layers, t.layers, type(t).__name__, t.layer_role, t.keep_layer_order)
                           for i, t in enumerate(guidance.terms) if isinstance(t, PerturbationTerm)}
-        for i, layers in self.layers_of.items():
-            t = guidance.terms[i]
-            where = f"{type(t).__name__} (term {i})"
-            t.check_model(layers, self.family, where)
-            if isinstance(t, SLG) and t.weights is not None and len(t.weights) != len(layers):
-                raise ValueError(f"{where}.weights has {len(t.weights)} entries but its layers resolve to "
-                                 f"{len(layers)} blocks ({', '.join(l.name for l in layers)})")
+        for i, t in enumerate(guidance.terms):
+            t.check_model(self.layers_of.get(i, ()), self.family, f"{type(t).__name__} (term {i})",
+                          type(model).__name__)
         self._plans: dict[tuple, StepPlan] = {}
+        self._state: dict = {}    # the CFG-place term's memory across the steps of a run (APG)
         self.last_rate: torch.Tensor | None = None   # S-CFG's rate map of the last step
 
     # ---------------------------------------------------------------- per step
@@ -209,7 +198,7 @@ class GuidedDenoiser:
         and a term is active when it is for any sample."""
         guidances = self.per_sample or (self.guidance,)
         t_value = None
-        if any(getattr(t, "adaptive_scale", 0) for g in guidances for t in g.perturbations):
+        if any(t.needs_timestep() for g in guidances for t in g.perturbations):
             t_value = float(torch.as_tensor(timestep).flatten()[0])
         w = _collapse([g.cfg.step_scale(step, num_steps) if g.cfg is not None else 1.0 for g in guidances])
         active = []
@@ -218,17 +207,20 @@ class GuidedDenoiser:
                 scales = []
                 for g in guidances:
                     term = g.terms[i]
-                    s = term.step_scale(step, num_steps, t_value)
-                    scales.append(term.coefficient(s) if isinstance(term, SLG) else s)
+                    scales.append(term.coefficient(term.step_scale(step, num_steps, t_value)))
                 if any(s != 0 for s in scales):
                     active.append((i, t, _collapse(scales)))
         return w, active
 
-    def plan(self, batch: int, has_uncond: bool, active, nag: bool = False) -> StepPlan:
-        key = (batch, has_uncond, tuple(i for i, _, _ in active), nag)
+    MAX_PLANS = 64   # distinct step configurations kept (a run has a handful)
+
+    def plan(self, batch: int, has_uncond: bool, active, nag: bool = False, device=None) -> StepPlan:
+        key = (batch, has_uncond, tuple(i for i, _, _ in active), nag, str(device))
         if key not in self._plans:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
             self._plans[key] = build_plan(self.layers_of, tuple((i, t) for i, t, _ in active), batch,
-                                          has_uncond, nag)
+                                          has_uncond, nag, device)
         return self._plans[key]
 
     def __call__(self, sample: torch.Tensor, timestep, *, cond: dict, uncond: dict | None = None,
@@ -242,13 +234,13 @@ class GuidedDenoiser:
         if self.per_sample is not None and len(self.per_sample) != batch:
             raise ValueError(f"guidance has {len(self.per_sample)} per-sample Guidances but the sample "
                              f"batch is {batch}; give one Guidance per sample")
-        unbatched = UNBATCHED.get(self.family, ())
+        unbatched = self.adapter.unbatched
         w, active = self.branch_scales(step, num_steps, timestep)
         has_uncond = any(v != 1.0 for v in (w if isinstance(w, list) else [w]))
         g = self.guidance
         nag = None
         if g.nag is not None and g.nag.step_scale(step, num_steps) != 1.0:
-            nag = NagStep(g.nag.scale, g.nag.tau, g.nag.alpha_for(self.family), g.nag.norm)
+            nag = NagStep(g.nag.scale, g.nag.tau, g.nag.alpha_for(self.adapter.nag_alpha), g.nag.norm)
             if nag.alpha == 0.0:
                 nag = None
         if nag is not None and negative is None:
@@ -270,7 +262,7 @@ class GuidedDenoiser:
                 _check_batch(uncond, batch, unbatched, "uncond")
             if nag is not None:
                 _check_batch(negative, batch, unbatched, "negative")
-        plan = self.plan(batch, has_uncond, active, nag is not None)
+        plan = self.plan(batch, has_uncond, active, nag is not None, sample.device)
         base = _merge(uncond, cond, "uncond/cond", unbatched) if has_uncond else cond
         groups = plan.base_rows // batch
         t = torch.as_tensor(timestep, device=sample.device)
@@ -282,23 +274,20 @@ class GuidedDenoiser:
             raise ValueError(f"timestep must be a scalar or have one value per sample ({batch}), got shape {tuple(t.shape)}")
         perms = self._permutations(plan, generator, sample.device)
         cfg = g.cfg
-        extra = {}
-        if isinstance(cfg, SCFG) and has_uncond:
-            extra["maps"] = SemanticMaps(cfg.R, cfg.completion, tuple(sample.shape[-2:]), batch)
+        if step == 0:
+            self._state = {}
+        extras = cfg.step_extras(sample, batch) if cfg is not None and has_uncond else {}
         self.last_rate = None
         with torch.no_grad():
-            out = self.adapter.forward(plan, sample, t, base, perms, negative if nag else None, nag, **extra)
+            out = self.adapter.forward(plan, sample, t, base, perms, negative if nag else None, nag, extras)
             rate = None
-            if extra:
-                region, foreground = extra["maps"].masks()
-
-                def rate(u, c):   # S-CFG's per-pixel CFG scale, kept for inspection
-                    self.last_rate = scfg_rate(u, c, region.to(u.dtype), foreground.to(u.dtype), w,
-                                               cfg.clamp, cfg.max_product)
+            if extras:
+                def rate(u, c):   # a per-pixel CFG scale (S-CFG), kept for inspection
+                    self.last_rate = cfg.weight_map(extras, u, c, w)
                     return self.last_rate
             ordered = self._ordered(plan, active)
-            eps = combine(out, plan, w, tuple(s for _, _, s in ordered), cfg.rescale if cfg is not None else 0.0,
-                          rate)
+            eps = combine(out, plan, cfg, w, tuple(s for _, _, s in ordered), step=step, state=self._state,
+                          rate=rate)
             if finite is not None:
                 finite.verify(out, eps, plan, w, ordered, step)
             return eps
@@ -312,17 +301,16 @@ class GuidedDenoiser:
         """TPG permutations: one seed per active TPG term per step from the user's generator, then
         one randperm per layer from seed + layer position (order-independent, reproducible)."""
         seeds = {}
-        for i, t in enumerate(self.guidance.terms):
-            if isinstance(t, TPG) and i in plan.tpg_positions:
-                gen_device = generator.device if generator is not None else "cpu"
-                seeds[i] = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
+        for i in sorted(plan.shuffled):
+            gen_device = generator.device if generator is not None else "cpu"
+            seeds[i] = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
         cache = {}
 
-        def perm(term_index: int, position: int, n_tokens: int, dev):
+        def perm(term_index: int, position: int, n_tokens: int):
             key = (term_index, position, n_tokens)
             if key not in cache:
                 g = torch.Generator("cpu").manual_seed(seeds[term_index] + position)
-                cache[key] = torch.randperm(n_tokens, generator=g).to(dev)
+                cache[key] = torch.randperm(n_tokens, generator=g).to(device)
             return cache[key]
 
         return perm

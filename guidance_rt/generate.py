@@ -52,7 +52,8 @@ import torch
 
 from . import spec as spec_mod
 from .preset_configs import tiny_preset_problem
-from .terms import CFG, NAG, Guidance
+from .guidance import Guidance
+from .methods import CFG, NAG
 
 DEFAULT_GUIDANCE = {"unet": "cfg=5", "sd3": "cfg=4", "flux": ""}
 METADATA_KEY = "guidance-rt"
@@ -438,8 +439,7 @@ def inspect_model(settings: Settings, no_download: str | None = None) -> ModelIn
     import diffusers
 
     from . import presets
-    from .layers import SUPPORTED_CLASSES, model_family
-    from .pipelines import SUPPORTED_PIPELINES
+    from .families import SUPPORTED_CLASSES, SUPPORTED_PIPELINES, model_family
 
     if settings.preset:
         p = presets.get_preset(settings.preset)
@@ -546,7 +546,7 @@ def _denoiser(pipe):
 
 
 def _family(pipe) -> str:
-    from .layers import model_family
+    from .families import model_family
     return model_family(_denoiser(pipe))
 
 

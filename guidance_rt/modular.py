@@ -39,7 +39,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from .denoiser import GuidedDenoiser, check_per_sample
 from .pipelines import denoiser_output, forward_arguments, forward_signature
 from .spec import load_guidance, to_dict
-from .terms import Guidance
+from .guidance import Guidance
 
 # ControlNet residuals: a modular loop computes them per guider batch from that batch's (cond)
 # conditioning, so the packed call has none for the uncond rows

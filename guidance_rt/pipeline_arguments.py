@@ -49,8 +49,10 @@ import math
 import re
 from dataclasses import dataclass
 
-from .layers import LayerNotFoundError, enumerate_layers, model_family, resolve_layers
-from .terms import CFG, NAG, PAG, SEG, SLG, TPG, Guidance, Term
+from .families import FAMILIES, enumerate_layers, model_family, resolve_layers
+from .guidance import Guidance
+from .layers import LayerNotFoundError
+from .methods import CFG, NAG, PAG, SEG, SLG, TPG, Term
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,6 @@ DEFAULTS = {
 PREFIXES = ("pag_", "seg_", "tpg_", "nag_", "slg_", "skip_", "do_nag")
 SEED_002_NAG = ("do_nag", "nag_use_l1")
 LEGACY_UNET_LAYER = re.compile(r"^(down|mid|up)\.block_(\d+)(?:\.attentions_(\d+))?$")
-SELF_ATTENTION = {"unet": "attn1", "sd3": "attn", "flux": "attn"}   # the module PAG perturbs in a block
 
 
 def _arguments(kind: str) -> dict[str, Method]:
@@ -187,7 +188,7 @@ def _pattern_blocks(model, family: str, pattern: str) -> list:
     whole = pattern.rsplit(".", 1)[-1].isdigit()
     found = []
     for layer in enumerate_layers(model):
-        name = f"{layer.path}.{SELF_ATTENTION[family]}"
+        name = f"{layer.path}.{FAMILIES[family].self_attention}"
         if any(not whole or name[m.end():m.end() + 1] in ("", ".") for m in regex.finditer(name)):
             found.append(layer)
     return found

@@ -48,16 +48,8 @@ import torch
 
 from .denoiser import GuidedDenoiser, check_per_sample
 from .pipeline_arguments import guidance_for_call, instead, pop_arguments
-from .terms import Guidance
-
-# pipeline class -> (denoiser attribute, family)
-SUPPORTED_PIPELINES = {
-    "StableDiffusionPipeline": "unet",
-    "StableDiffusionXLPipeline": "unet",
-    "StableDiffusionXLControlNetPipeline": "unet",
-    "StableDiffusion3Pipeline": "transformer",
-    "FluxPipeline": "transformer",
-}
+from .families import SUPPORTED_PIPELINES
+from .guidance import Guidance
 
 
 def _pipeline_kind(cls: type) -> str:
@@ -340,13 +332,7 @@ def _rows(d: dict, batch: int, unbatched=("txt_ids", "img_ids")) -> dict:
 
 def denoiser_output(out, return_dict, den):
     """The guided prediction in the form the model's own forward returns (tuple or output class)."""
-    if not return_dict:
-        return (out,)
-    if den.family == "unet":
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-        return UNet2DConditionOutput(sample=out)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-    return Transformer2DModelOutput(sample=out)
+    return den.adapter.output(out, return_dict)
 
 
 @functools.cache

@@ -28,8 +28,10 @@ __all__ = [
     "build_pipeline", "pack_flux_latents", "unpack_flux_latents", "flux_image_ids",
 ]
 
-from .layers import FAMILIES, model_family as _family_of
+from .families import FAMILIES as _FAMILY_CLASSES, model_family as _family_of
 from .preset_configs import PRESETS, Preset, get_preset
+
+FAMILIES = tuple(_FAMILY_CLASSES)
 
 # Text tokens each pipeline feeds the denoiser by default: CLIP 77; SD3 77 CLIP + 256 T5; FLUX 512 T5.
 _TEXT_LEN = {"unet": 77, "sd3": 77 + 256, "flux": 512}

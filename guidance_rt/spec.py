@@ -53,8 +53,9 @@ import os
 import re
 from typing import Any
 
-from . import terms as _terms
-from .terms import Guidance, Term
+from . import methods as _terms
+from .guidance import Guidance
+from .methods import Term
 
 __all__ = ["SpecError", "parse_spec", "format_spec", "format_term", "to_json", "from_json",
            "from_dict", "to_dict", "load_guidance", "term_names", "term_class", "term_fields",

@@ -183,7 +183,7 @@ def _torch_impl(out, weights, batch: int, has_uncond: bool, rescale: float, rate
         scale = w[0] if rate is None else w[0] * rate.to(acc)
         eps = u + scale * (c - u)
     else:
-        eps = c
+        eps = c.clone()   # a custom op's output must not alias its input (no branches: eps is c)
     for k in range(branches):
         eps = eps + w[1 + k] * (c - out[base + k * batch: base + (k + 1) * batch].to(acc))
     if rescale > 0:

@@ -11,7 +11,8 @@ import guidance_rt as grt
 from guidance_rt import analysis as A
 from guidance_rt import presets
 from guidance_rt.eval import extract_quoted
-from guidance_rt.layers import UnsupportedModelError, resolve_layers
+from guidance_rt.families import resolve_layers
+from guidance_rt.layers import UnsupportedModelError
 
 from .conftest import model_state
 from .tolerance import MODEL_ULPS, MODEL_UNIT_TOL, assert_close

@@ -95,11 +95,11 @@ def test_pytorch_path_matches_reference(sigma):
     check(query_blur(x, 6, 5, sigma, 2), reference(x, 6, 5, sigma, 2))
 
 
-def test_matches_runtime_blur_tokens():
-    """Same numbers as the runtime's CPU blur (guidance_rt.attention.blur_tokens: F.pad +
-    F.conv2d), a third, independent implementation, on a non-square grid."""
-    from guidance_rt.attention import blur_tokens
+def test_matches_reference_blur_grid():
+    """Same numbers as the oracle's blur (guidance_rt.reference.blur_grid: one 2-D conv of the
+    outer-product taps), a third, independent implementation, on a non-square grid."""
+    from guidance_rt.reference import blur_grid
     x = torch.randn(2, 6 * 9, 16, dtype=torch.float64)
     for sigma in (0.8, 2.0, 50.0):
-        assert_close(query_blur(x.float(), 6, 9, sigma), blur_tokens(x, (6, 9), sigma),
-                     effect=blur_tokens(x, (6, 9), sigma) - x, what=f"sigma {sigma}")
+        expect = blur_grid(x, 6, 9, sigma)
+        assert_close(query_blur(x.float(), 6, 9, sigma), expect, effect=expect - x, what=f"sigma {sigma}")

@@ -87,21 +87,21 @@ def test_pytorch_path_matches_reference(case):
     check(eps, reference(out, w, scales, batch, has_uncond, cfg["rescale"], rate))
 
 
-def test_matches_runtime_combine():
-    """Same numbers as guidance_rt.combine.combine (the runtime's CPU formula) for a real plan
-    layout: CFG, two branches, rescale."""
+def test_runtime_combine_matches_reference():
+    """guidance_rt.combine.combine (the runtime's entry to this op) for a real plan layout: CFG,
+    two branches, rescale, plain and per-sample scales."""
+    import guidance_rt as grt
     from guidance_rt.combine import combine
     from types import SimpleNamespace
     batch = 2
     plan = SimpleNamespace(batch=batch, has_uncond=True, cond_rows=slice(2, 4),
                            branch_rows=lambda k: slice(4 + 2 * k, 6 + 2 * k))
     out = torch.randn(8, 4, 6, 6, dtype=torch.float32)
-    expect = combine(out, plan, 4.0, (3.0, 1.5), cfg_rescale=0.6)
-    got = guidance_combine(out, combine_weights(4.0, (3.0, 1.5), "cpu"), batch, True, 0.6)
-    torch.testing.assert_close(got, expect)
-    expect = combine(out, plan, [4.0, 6.0], (3.0, [1.5, 0.0]), cfg_rescale=0.6)   # per-sample scales
-    got = guidance_combine(out, combine_weights([4.0, 6.0], (3.0, [1.5, 0.0]), "cpu"), batch, True, 0.6)
-    torch.testing.assert_close(got, expect)
+    cfg = grt.CFG(scale=4.0, rescale=0.6)
+    for w, scales in ((4.0, (3.0, 1.5)), ([4.0, 6.0], (3.0, [1.5, 0.0]))):
+        args = (out, w, scales, batch, True, 0.6, None)
+        check(combine(out, plan, cfg, w, scales), reference(*args), reference(*args, dtype=out.dtype),
+              what=f"w {w}, scales {scales}")
 
 
 def test_rejects_bad_layouts():

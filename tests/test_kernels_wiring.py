@@ -60,33 +60,36 @@ def test_packed_forward_with_kernels_equals_reference(tiny_model, case, monkeypa
 
 
 def test_normal_rows_run_sdpa_and_only_variant_rows_the_kernel(monkeypatch):
-    """The dispatch sends runs of NORMAL/BLUR rows to SDPA and only the variant rows to the
-    kernel, re-based to their own row range."""
-    from guidance_rt import attention
-    from guidance_rt.plan import BLUR, IDENTITY, MEAN, NORMAL, SOFT, Segment
+    """The dispatch sends runs of plain and query-blurred rows to SDPA and only the variant rows
+    to the kernel, re-based to their own row range."""
+    from guidance_rt import ops
+    from guidance_rt.effects import AttnVariant, Segment
 
-    segments = (Segment(0, 4, NORMAL), Segment(4, 6, IDENTITY), Segment(6, 8, SOFT, beta=0.5),
-                Segment(8, 10, BLUR, sigma=2.0), Segment(10, 12, MEAN))
-    runs = attention._kernel_runs(segments, mean_identical=True)
+    identity, soft = AttnVariant(pag=1.0), AttnVariant(pag=0.5)
+    segments = (Segment(0, 4), Segment(4, 6, identity), Segment(6, 8, soft),
+                Segment(8, 10, AttnVariant(blur=2.0)), Segment(10, 12, AttnVariant(blur=float("inf"))))
+    runs = ops._runs(segments, mean_identical=True)
     assert [(lo, hi) for lo, hi, _ in runs] == [(0, 4), (4, 8), (8, 10), (10, 12)]
     assert runs[0][2] is None and runs[2][2] is None
-    assert [(s.start, s.end, s.mode) for s in runs[1][2]] == [(0, 2, IDENTITY), (2, 4, SOFT)]
+    assert [(s.start, s.end, s.variant) for s in runs[1][2]] == [(0, 2, identity), (2, 4, soft)]
     assert runs[3][2][0].start == 0
-    assert attention._kernel_runs(segments, mean_identical=False)[-1][1:] == (12, None)   # MEAN: SDPA
+    assert ops._runs(segments, mean_identical=False)[-1][1:] == (12, None)   # the mean: SDPA
     calls = []
     real = kernels.variant_attention
     monkeypatch.setattr(kernels, "variant_attention", lambda q, *a, **k: (calls.append(q.shape[0]), real(q, *a, **k))[1])
     q, k, v = (torch.randn(12, 2, 9, 16) for _ in range(3))
     with kernels.triton_on_cpu():
-        out = attention.variant_attention(q, k, v, segments, mean_identical=True)
-    expect = attention.variant_attention(q, k, v, segments, mean_identical=True)   # PyTorch path
+        out = ops.variant_attention(q, k, v, segments, mean_identical=True)
+    assert calls == [4, 2]
+    calls.clear()
+    expect = ops.variant_attention(q, k, v, segments, mean_identical=True)   # the ops' PyTorch path
     assert calls == [4, 2]
     assert_close(out, expect)
 
 
 def test_cpu_default_is_pytorch(tiny_model, monkeypatch):
     """Outside triton_on_cpu() a CPU step never enters a Triton kernel."""
-    monkeypatch.setattr(kernels, "variant_attention", lambda *a, **k: pytest.fail("kernel used on CPU"))
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", lambda *a, **k: pytest.fail("kernel used on CPU"))
     model = tiny_model("tiny-sd15")
     inp = presets.example_inputs("tiny-sd15", height=8, width=8)
     grt.GuidedDenoiser(model, grt.Guidance(grt.CFG(5.0), grt.PAG(layers="mid")))(

@@ -14,7 +14,7 @@ import torch
 
 import guidance_rt as grt
 from guidance_rt import reference as ref
-from guidance_rt.terms import PerturbationTerm
+from guidance_rt.methods import PerturbationTerm
 
 from .tolerance import MODEL_ULPS, assert_close
 
@@ -563,7 +563,7 @@ def test_seg_blurs_the_query_on_the_real_grid(family, layer, sigma):
     single blocks only the image part (after the text tokens)."""
     model = get(family)
     sample, t, cond, _ = make_inputs(family)
-    from guidance_rt.layers import resolve_layers
+    from guidance_rt.families import resolve_layers
 
     block = model.get_submodule(resolve_layers(model, layer)[0].path)
     to_q = (block.attn1 if family == "unet" else block.attn).to_q
@@ -623,7 +623,7 @@ def test_tpg_reproducible_and_seed_dependent():
 
 def _manual_tpg(model, family, sample, t, cond, seed, layers):
     """TPG written out independently with plain hooks (the protocol, to the letter)."""
-    from guidance_rt.layers import resolve_layers
+    from guidance_rt.families import resolve_layers
 
     handles, stash = [], {}
     for layer in resolve_layers(model, layers):

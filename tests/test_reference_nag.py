@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import guidance_rt as grt
+from guidance_rt.families import FAMILIES
 from guidance_rt import reference as ref
 
 diffusers = pytest.importorskip("diffusers")
@@ -108,7 +109,7 @@ def test_nag_norm_and_tau_matter(family):
     # alpha = None is the family default
     fam = "sd3" if family == "sd35" else family
     default = cond_only(family, grt.NAG(scale=4.0))
-    explicit = cond_only(family, grt.NAG(scale=4.0, alpha=grt.terms.NAG_DEFAULT_ALPHA[fam]))
+    explicit = cond_only(family, grt.NAG(scale=4.0, alpha=FAMILIES[fam].nag_alpha))
     torch.testing.assert_close(default, explicit, rtol=0, atol=0)
 
 

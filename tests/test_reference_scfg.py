@@ -16,7 +16,7 @@ import torch
 import guidance_rt as grt
 from guidance_rt import presets
 from guidance_rt import reference as ref
-from guidance_rt.layers import enumerate_layers
+from guidance_rt.families import enumerate_layers
 from guidance_rt.reference import scfg as S
 
 from .conftest import model_state, rel

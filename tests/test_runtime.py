@@ -5,7 +5,8 @@ import torch
 
 import guidance_rt as grt
 from guidance_rt import presets
-from guidance_rt.layers import LayerNotFoundError, UnsupportedModelError, enumerate_layers, resolve_layers
+from guidance_rt.families import enumerate_layers, resolve_layers
+from guidance_rt.layers import LayerNotFoundError, UnsupportedModelError
 
 from .conftest import model_state, rel
 from .tolerance import MODEL_ULPS, assert_close

@@ -8,7 +8,7 @@ import pytest
 
 import guidance_rt as grt
 from guidance_rt import spec
-from guidance_rt.terms import TERM_TYPES
+from guidance_rt.methods import TERM_TYPES
 
 SPECS = [
     "cfg=5 pag=3@mid seg=3@mid:sigma=inf slg=2.8@7,8,9:0.01-0.2",
@@ -292,7 +292,7 @@ def test_fuzzed_guidance_json_raises_only_spec_errors():
     unknown ones): from_dict returns a Guidance that round-trips, or raises SpecError."""
     import random
 
-    from guidance_rt.terms import TERM_TYPES
+    from guidance_rt.methods import TERM_TYPES
 
     rng = random.Random(7)
     outcomes = set()

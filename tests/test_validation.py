@@ -6,7 +6,7 @@ import torch
 
 import guidance_rt as grt
 from guidance_rt import presets
-from guidance_rt.layers import resolve_layers
+from guidance_rt.families import resolve_layers
 
 from .conftest import model_state
 

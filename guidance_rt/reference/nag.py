@@ -50,8 +50,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import model_family
-from ..terms import NAG_DEFAULT_ALPHA, Guidance
+from ..families import model_family
+from ..guidance import Guidance
+
+# the families' default alpha (methods.md section 5), kept here so the oracle reads the spec, not the runtime
+DEFAULT_ALPHA = {"unet": 0.5, "sd3": 0.125, "flux": 0.25}
 from .attention import (STOCK_PROCESSORS, FluxAttentionPAG, SD3JointAttentionPAG, _merge_heads, sd3_projections,
                         _split_heads, mmdit_pag_image_rows)
 from .perturb import _hook, _set_processor
@@ -76,7 +79,7 @@ def nag_setting(guidance: Guidance, family: str, step: int, num_steps: int) -> N
     phi = term.step_scale(step, num_steps)
     if phi == 1.0:
         return None
-    alpha = NAG_DEFAULT_ALPHA[family] if term.alpha is None else term.alpha
+    alpha = DEFAULT_ALPHA[family] if term.alpha is None else term.alpha
     return NAGSetting(phi=float(phi), tau=float(term.tau), alpha=float(alpha), norm=int(term.norm))
 
 

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..layers import model_family, resolve_layers
-from ..terms import CFG, NAG, PAG, SCFG, SEG, SLG, TPG, Guidance, Term
+from ..families import model_family, resolve_layers
+from ..guidance import Guidance
+from ..methods import CFG, NAG, PAG, SCFG, SEG, SLG, TPG, Term
 from .nag import nag_forward, nag_setting
 from .perturb import perturbed
 from .scfg import scfg_recorded, scfg_step_rate, scfg_term   # S-CFG (methods.md 7)

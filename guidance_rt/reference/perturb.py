@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..layers import Layer, model_family, resolve_layers
-from ..terms import PAG, SEG, SLG, TPG, PerturbationTerm
+from ..families import model_family, resolve_layers
+from ..layers import Layer
+from ..methods import PAG, SEG, SLG, TPG, PerturbationTerm
 from .attention import (STOCK_PROCESSORS, FluxAttentionPAG, SD3JointAttentionPAG,
                         UNetSelfAttentionPAG, blur_grid, mean_queries)
 

@@ -46,8 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import enumerate_layers, model_family
-from ..terms import SCFG, Guidance
+from ..families import enumerate_layers, model_family
+from ..guidance import Guidance
+from ..methods import SCFG
 from .attention import STOCK_PROCESSORS
 from .perturb import _hook
 

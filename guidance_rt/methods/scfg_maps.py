@@ -1,4 +1,4 @@
-"""S-CFG's semantic maps, collected inside the packed forward without N x N attention maps.
+"""S-CFG's runtime: the semantic maps, collected inside the packed forward without N x N attention maps.
 
 For every UNet transformer block on the latent/R and latent/(2R) grids, the uncond and cond rows'
 head-averaged cross-attention probabilities C (N x T, small) are completed with the self-attention
@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import sdpa
+from ..combine import per_sample
+from ..ops import sdpa
 
 # the published code's 3x3 smoothing: taps exp(-((x - 1) / (2 * 0.5))^2), x = 0, 1, 2, normalised
 _TAPS = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) ** 2)
@@ -107,3 +108,23 @@ class SemanticMaps:
         background = (unc == unc.max(dim=1, keepdim=True).values).to(unc.dtype)[:, :1]
         up = lambda x: F.interpolate(x, size=self.latent, mode="nearest")
         return up(region), up(1.0 - background)
+
+
+def scfg_rate(u: torch.Tensor, c: torch.Tensor, region: torch.Tensor, foreground: torch.Tensor,
+              scale, clamp: tuple[float, float], max_product: float) -> torch.Tensor:
+    """S-CFG's rate map (B, 1, H, W) (methods.md section 7, step 5): every region's guidance norm
+    brought to the foreground's mean norm. `scale`: w, or one w per sample."""
+    n = (c - u).norm(dim=1, keepdim=True)
+    dims = (2, 3)
+    region_norm = (n * region).sum(dims) / (region.sum(dims) + 1e-8)          # (B, T)
+    fore_norm = (n * foreground).sum(dims) / (foreground.sum(dims) + 1e-8)    # (B, 1)
+    present = (region.sum(dims) > 0).to(n.dtype)
+    rate_k = fore_norm * present / (region_norm + 1e-8)
+    rate = (rate_k[:, :, None, None] * region).sum(1, keepdim=True)
+    rate = rate.clamp(clamp[0], clamp[1])
+    if isinstance(scale, (list, tuple)):
+        w = per_sample(scale, rate)
+        rate = torch.where(w > 0, torch.minimum(rate, max_product / torch.where(w > 0, w, 1.0)), rate)
+    elif scale > 0:
+        rate = rate.clamp(max=max_product / scale)
+    return smooth3x3(rate)

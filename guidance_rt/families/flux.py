@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..attention import nag_combine, query_variants, shift_segments, variant_attention
-from ..plan import BLUR
+from .. import ops
+from ..layers import Layer
 from .dit import DiTAdapter, NagStream
 
 FLUX_PROCESSORS = ("FluxAttnProcessor",)
@@ -21,9 +21,26 @@ def _ids(t: torch.Tensor) -> torch.Tensor:
 
 
 class FluxAdapter(DiTAdapter):
-    family = "flux"
+    """FLUX.1: double-stream blocks by index (`3`, `"0-18"`, part `double`) and single-stream
+    blocks as `s<i>` (`"s0-s37"`, part `single`)."""
 
-    def forward(self, plan, sample, timestep, base: dict, perms, negative: dict | None = None, nag=None):
+    name = "flux"
+    classes = ("FluxTransformer2DModel",)
+    pipelines = ("FluxPipeline",)
+    parts = ("double", "single")
+    default_layers = {"attention": "1", "tokens": "1", "skip": (7, 8, 9)}
+    unbatched = ("txt_ids", "img_ids")
+    nag_alpha = 0.25
+
+    @staticmethod
+    def enumerate_layers(model) -> list[Layer]:
+        double = [Layer(str(i), f"transformer_blocks.{i}", "double", i, b.attn.heads)
+                  for i, b in enumerate(model.transformer_blocks)]
+        return double + [Layer(f"s{i}", f"single_transformer_blocks.{i}", "single", len(double) + i, b.attn.heads)
+                         for i, b in enumerate(model.single_transformer_blocks)]
+
+    def forward(self, plan, sample, timestep, base: dict, perms, negative: dict | None = None, nag=None,
+                extras=None):
         m = self.model
         if (base.get("joint_attention_kwargs") or {}):
             raise NotImplementedError("joint_attention_kwargs (IP-Adapter) are not supported by guidance-rt")
@@ -45,7 +62,8 @@ class FluxAdapter(DiTAdapter):
         txt = m.context_embedder(base["encoder_hidden_states"])
         img_ids = _ids(base["img_ids"])
         rope = m.pos_embed(torch.cat((_ids(base["txt_ids"]), img_ids), dim=0))
-        needs_grid = any(s.mode == BLUR for bp in plan.blocks.values() for s in bp.self_attn)
+        needs_grid = any(s.variant is not None and s.variant.blur and not s.variant.mean
+                         for bp in plan.blocks.values() for s in bp.self_attn)
         grid = flux_grid(img_ids) if needs_grid else None
         ntxt = neg_rope = ntemb = neg_image = None
         if nag is not None:
@@ -90,9 +108,9 @@ class FluxAdapter(DiTAdapter):
         n_txt, *mods = block.norm1_context(txt, emb=temb)
         n_neg, *neg_mods = block.norm1_context(nag.txt, emb=nag.temb) if nag else (None,)
         a_img, a_txt, a_neg = self._attention(block.attn, n_img, n_txt, n_neg, rope, bp, grid, nag)
-        img = img + self.drop_rows(gate_msa.unsqueeze(1) * a_img, bp.skip_attn)
+        img = img + self.drop_rows(gate_msa.unsqueeze(1) * a_img, bp.keep("attn"))
         n = block.norm2(img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        img = img + self.drop_rows(gate_mlp.unsqueeze(1) * block.ff(n), bp.skip_ff)
+        img = img + self.drop_rows(gate_mlp.unsqueeze(1) * block.ff(n), bp.keep("ff"))
 
         txt, neg = self.text_streams(block, bp, txt, a_txt, mods, nag, a_neg, neg_mods)
         txt, neg = self._clip(txt), self._clip(neg)
@@ -102,18 +120,18 @@ class FluxAdapter(DiTAdapter):
         n_txt_tokens = txt.shape[1]
         x = torch.cat([txt, img], dim=1)
         n, gate = block.norm(x, emb=temb)
-        mlp = self.drop_rows(block.act_mlp(block.proj_mlp(n)), bp.skip_ff)
+        mlp = self.drop_rows(block.act_mlp(block.proj_mlp(n)), bp.keep("ff"))
         n_neg = None
         if nag:   # nag.txt: the whole negative sequence [text, image], with the negative temb
             n_neg, neg_gate = block.norm(nag.txt, emb=nag.temb)
         a, _, a_neg = self._attention(block.attn, n, None, n_neg, rope, bp, grid, nag, image_start=n_txt_tokens)
-        a = self.drop_rows(a, bp.skip_attn)
+        a = self.drop_rows(a, bp.keep("attn"))
         x = self._clip(x + gate.unsqueeze(1) * block.proj_out(torch.cat([a, mlp], dim=2)))
         neg = None
         if nag:
             ps = nag.pos_start
-            neg_mlp = self.drop_rows(block.act_mlp(block.proj_mlp(n_neg)), self.shift_spans(bp.skip_ff, ps))
-            a_neg = self.drop_rows(a_neg, self.shift_spans(bp.skip_attn, ps))
+            neg_mlp = self.drop_rows(block.act_mlp(block.proj_mlp(n_neg)), bp.keep("ff", ps))
+            a_neg = self.drop_rows(a_neg, bp.keep("attn", ps))
             neg = self._clip(nag.txt + neg_gate.unsqueeze(1) * block.proj_out(torch.cat([a_neg, neg_mlp], dim=2)))
         return x[:, :n_txt_tokens], x[:, n_txt_tokens:], neg
 
@@ -133,31 +151,31 @@ class FluxAdapter(DiTAdapter):
             raise NotImplementedError("fused QKV projections are not supported on a perturbed layer")
         unflat = lambda t: t.unflatten(-1, (-1, attn.head_dim))
         rotate = lambda t, r: apply_rotary_emb(t, r, sequence_dim=1).transpose(1, 2)   # -> (R, H, N, d)
-        q = attn.norm_q(unflat(query_variants(attn.to_q(x), bp.self_attn, grid, slice(image_start, None))))
+        q = attn.norm_q(unflat(ops.blur_queries(attn.to_q(x), bp.self_attn, grid, slice(image_start, None))))
         k, v = attn.norm_k(unflat(attn.to_k(x))), unflat(attn.to_v(x))
         if c is not None:   # double block: text projections of their own, text first
             text_q, text_k, text_v = self._text_qkv(attn, c)
             q, k, v = torch.cat([text_q, q], 1), torch.cat([text_k, k], 1), torch.cat([text_v, v], 1)
         n_txt = q.shape[1] - (x.shape[1] - image_start)      # text tokens in the sequence
         image = slice(n_txt, None)
-        o = variant_attention(rotate(q, rope), rotate(k, rope), v.transpose(1, 2), bp.self_attn, image)
+        o = ops.variant_attention(rotate(q, rope), rotate(k, rope), v.transpose(1, 2), bp.self_attn, image)
         o = o.transpose(1, 2).flatten(2, 3).to(x.dtype)
         o_neg = None
         if nag is not None:
             ps, s = nag.pos_start, nag.step
-            segments = shift_segments(bp.self_attn, ps)
+            segments = ops.shift_segments(bp.self_attn, ps)
             if c is not None:   # double block: the negative text beside the positive image tokens
                 n_neg = cn.shape[1]
                 nq, nk, nv = self._text_qkv(attn, cn)
                 nq, nk, nv = (torch.cat([t_neg, t[ps:, image]], 1) for t_neg, t in ((nq, q), (nk, k), (nv, v)))
             else:   # single block: the negative sequence's own tokens, SEG's queries included
                 n_neg = cn.shape[1] - (x.shape[1] - image_start)
-                nq = attn.norm_q(unflat(query_variants(attn.to_q(cn), segments, grid, slice(n_neg, None))))
+                nq = attn.norm_q(unflat(ops.blur_queries(attn.to_q(cn), segments, grid, slice(n_neg, None))))
                 nk, nv = attn.norm_k(unflat(attn.to_k(cn))), unflat(attn.to_v(cn))
-            on = variant_attention(rotate(nq, nag.extra), rotate(nk, nag.extra), nv.transpose(1, 2),
+            on = ops.variant_attention(rotate(nq, nag.extra), rotate(nk, nag.extra), nv.transpose(1, 2),
                                    segments, slice(n_neg, None))
             on = on.transpose(1, 2).flatten(2, 3).to(x.dtype)
-            guided = nag_combine(o[ps:, image], on[:, n_neg:], s.phi, s.tau, s.alpha, s.norm)
+            guided = ops.nag_combine(o[ps:, image], on[:, n_neg:], s.phi, s.tau, s.alpha, s.norm)
             o = torch.cat([o[:ps], torch.cat([o[ps:, :n_txt], guided], 1)])
             # both sequences' image tokens get the combined output (the authors' single blocks)
             o_neg = on[:, :n_neg] if c is not None else torch.cat([on[:, :n_neg], guided], 1)

@@ -51,11 +51,11 @@ class DiTAdapter(Adapter):
             n = block.norm2_context(t) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
             return t + self.drop_rows(c_gate_mlp.unsqueeze(1) * block.ff_context(n), skip_ff)
 
-        txt = update(txt, a_txt, mods, bp.skip_attn, bp.skip_ff)
+        txt = update(txt, a_txt, mods, bp.keep("attn"), bp.keep("ff"))
         if not nag:
             return txt, None
         ps = nag.pos_start
-        return txt, update(nag.txt, a_neg, neg_mods, self.shift_spans(bp.skip_attn, ps), self.shift_spans(bp.skip_ff, ps))
+        return txt, update(nag.txt, a_neg, neg_mods, bp.keep("attn", ps), bp.keep("ff", ps))
 
     def run_blocks(self, blocks, offset, img, txt, temb, extra, plan: StepPlan, perms, grid,
                    controls=None, ntxt=None, nag=None, nag_extra=None, ntemb=None, nag_image=None):

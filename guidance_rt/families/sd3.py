@@ -3,16 +3,29 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import nag_combine, query_variants, shift_segments, variant_attention
+from .. import ops
+from ..layers import Layer
 from .dit import DiTAdapter, NagStream
 
 SD3_PROCESSORS = ("JointAttnProcessor2_0",)
 
 
 class SD3Adapter(DiTAdapter):
-    family = "sd3"
+    """SD3 / SD3.5: the joint blocks of `transformer_blocks`, by index (`7`, `"7"`, `"7-9"`)."""
 
-    def forward(self, plan, sample, timestep, base: dict, perms, negative: dict | None = None, nag=None):
+    name = "sd3"
+    classes = ("SD3Transformer2DModel",)
+    pipelines = ("StableDiffusion3Pipeline",)
+    default_layers = {"attention": "1", "tokens": "1", "skip": (7, 8, 9)}
+    nag_alpha = 0.125
+
+    @staticmethod
+    def enumerate_layers(model) -> list[Layer]:
+        return [Layer(str(i), f"transformer_blocks.{i}", "joint", i, b.attn.heads)
+                for i, b in enumerate(model.transformer_blocks)]
+
+    def forward(self, plan, sample, timestep, base: dict, perms, negative: dict | None = None, nag=None,
+                extras=None):
         m = self.model
         if (base.get("joint_attention_kwargs") or {}):
             raise NotImplementedError("joint_attention_kwargs (IP-Adapter) are not supported by guidance-rt")
@@ -64,12 +77,12 @@ class SD3Adapter(DiTAdapter):
         n_txt, mods = text_norm(txt, temb)
         n_neg, neg_mods = text_norm(nag.txt, nag.temb) if nag else (None, None)
         a_img, a_txt, a_neg = self._joint_attention(block.attn, n_img, n_txt, n_neg, bp, grid, nag)
-        img = img + self.drop_rows(gate_msa.unsqueeze(1) * a_img, bp.skip_attn)
+        img = img + self.drop_rows(gate_msa.unsqueeze(1) * a_img, bp.keep("attn"))
         if block.use_dual_attention:
             a2 = block.attn2(hidden_states=n_img2)
-            img = img + self.drop_rows(gate_msa2.unsqueeze(1) * a2, bp.skip_attn)
+            img = img + self.drop_rows(gate_msa2.unsqueeze(1) * a2, bp.keep("attn"))
         n = block.norm2(img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        img = img + self.drop_rows(gate_mlp.unsqueeze(1) * block.ff(n), bp.skip_ff)
+        img = img + self.drop_rows(gate_mlp.unsqueeze(1) * block.ff(n), bp.keep("ff"))
         if block.context_pre_only:
             return None, img, None
 
@@ -83,7 +96,7 @@ class SD3Adapter(DiTAdapter):
             return a_img, a_txt, None
         self.require_processor(attn, SD3_PROCESSORS, f"layer {self.layers[bp.position].name}")
         n_img, heads = x.shape[1], attn.heads
-        q = query_variants(attn.to_q(x), bp.self_attn, grid, slice(None))
+        q = ops.blur_queries(attn.to_q(x), bp.self_attn, grid, slice(None))
         k, v = attn.to_k(x), attn.to_v(x)
         head_dim = k.shape[-1] // heads
         split = lambda t: t.view(t.shape[0], -1, heads, head_dim).transpose(1, 2)
@@ -104,16 +117,16 @@ class SD3Adapter(DiTAdapter):
 
         image = slice(0, n_img)   # MEAN rows' image queries stay identical through qk-norm
         cq, ck, cv = text_qkv(c)
-        o = merge(variant_attention(torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2),
+        o = merge(ops.variant_attention(torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2),
                                     bp.self_attn, image, mean_identical=True))
         o_img, o_txt, o_neg = o[:, :n_img], o[:, n_img:], None
         if nag is not None:
             ps, s = nag.pos_start, nag.step
             nq, nk, nv = text_qkv(cn)
-            on = merge(variant_attention(torch.cat([q[ps:], nq], 2), torch.cat([k[ps:], nk], 2),
-                                         torch.cat([v[ps:], nv], 2), shift_segments(bp.self_attn, ps), image,
-                                         mean_identical=True))
-            guided = nag_combine(o_img[ps:], on[:, :n_img], s.phi, s.tau, s.alpha, s.norm)
+            on = merge(ops.variant_attention(torch.cat([q[ps:], nq], 2), torch.cat([k[ps:], nk], 2),
+                                             torch.cat([v[ps:], nv], 2), ops.shift_segments(bp.self_attn, ps),
+                                             image, mean_identical=True))
+            guided = ops.nag_combine(o_img[ps:], on[:, :n_img], s.phi, s.tau, s.alpha, s.norm)
             o_img = torch.cat([o_img[:ps], guided])
             o_neg = on[:, n_img:]
         if not attn.context_pre_only:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..attention import kernels_for, nag_combine, qk_segments, query_variants, sdpa, variant_attention
-from ..plan import IDENTITY, BlockPlan, Segment, StepPlan
+from .. import ops
+from ..effects import Segment
+from ..layers import Layer
+from ..plan import BlockPlan, StepPlan
 from .base import Adapter
 
 UNET_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
@@ -18,7 +20,15 @@ UNSUPPORTED_KWARGS = ("class_labels", "attention_mask", "encoder_attention_mask"
 
 
 class UNetAdapter(Adapter):
-    family = "unet"
+    name = "unet"
+    classes = ("UNet2DConditionModel",)
+    pipelines = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline")
+    denoiser_attribute = "unet"
+    by_index = False   # d6, m0, u3: bare integers would be ambiguous
+    parts = ("down", "mid", "up")
+    default_layers = {"attention": "mid", "tokens": "d6-d23", "skip": "mid"}
+    self_attention = "attn1"
+    nag_alpha = 0.5
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -30,6 +40,30 @@ class UNetAdapter(Adapter):
         blocks = {id(b): l.position for l, b in zip(self.layers, self._blocks())}
         for t2d in self._transformers():
             self.first_position[id(t2d)] = blocks[id(t2d.transformer_blocks[0])]
+
+    @staticmethod
+    def enumerate_layers(model: nn.Module) -> list[Layer]:
+        """Every BasicTransformerBlock, named d<i>, m<i>, u<i> in module order per part (SDXL:
+        d0-d23, m0-m9, u0-u35)."""
+        out: list[Layer] = []
+        parts = [("down", "d", [(f"down_blocks.{i}", b) for i, b in enumerate(model.down_blocks)]),
+                 ("mid", "m", [("mid_block", model.mid_block)] if model.mid_block is not None else []),
+                 ("up", "u", [(f"up_blocks.{i}", b) for i, b in enumerate(model.up_blocks)])]
+        for part, letter, blocks in parts:
+            n = 0
+            for prefix, block in blocks:
+                for j, t2d in enumerate(getattr(block, "attentions", None) or []):
+                    for k, tb in enumerate(getattr(t2d, "transformer_blocks", [])):
+                        out.append(Layer(f"{letter}{n}", f"{prefix}.attentions.{j}.transformer_blocks.{k}",
+                                         part, len(out), tb.attn1.heads))
+                        n += 1
+        return out
+
+    def output(self, sample, return_dict):
+        if not return_dict:
+            return (sample,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+        return UNet2DConditionOutput(sample=sample)
 
     def _transformers(self):
         m = self.model
@@ -43,9 +77,10 @@ class UNetAdapter(Adapter):
     # ---------------------------------------------------------------- forward
 
     def forward(self, plan: StepPlan, sample: torch.Tensor, timestep: torch.Tensor, base: dict, perms,
-                negative: dict | None = None, nag=None, maps=None):
-        """`maps`: an scfg.SemanticMaps that the blocks on S-CFG's grids feed (uncond + cond rows)."""
+                negative: dict | None = None, nag=None, extras: dict | None = None):
+        """extras["maps"]: S-CFG's SemanticMaps, fed by the blocks on its grids (uncond + cond rows)."""
         m = self.model
+        maps = (extras or {}).get("maps")
         for key in UNSUPPORTED_KWARGS:
             if base.get(key) is not None:
                 raise NotImplementedError(f"UNet forward argument {key!r} is not supported by guidance-rt")
@@ -76,7 +111,7 @@ class UNetAdapter(Adapter):
         if nag is not None:   # NAG's negative text for every row (read only on positive rows)
             neg = m.process_encoder_hidden_states(encoder_hidden_states=negative["encoder_hidden_states"],
                                                   added_cond_kwargs=negative.get("added_cond_kwargs") or {})
-            neg = neg.index_select(0, plan.sample_index(neg.device))
+            neg = neg.index_select(0, plan.sample_index)
 
         # 2. conv_in is the same for uncond and cond: compute it once per user sample
         h = m.conv_in(sample).repeat(groups, 1, 1, 1)
@@ -176,7 +211,7 @@ class UNetAdapter(Adapter):
                 "cross-attention only or chunked feed-forward is not supported on a perturbed layer")
         stat_rows = 2 * maps.batch if maps is not None else 0   # S-CFG reads the uncond + cond rows
         a, qk = self._self_attention(block.attn1, block.norm1(x), bp, grid, stat_rows)
-        x = self.drop_rows(a, bp.skip_attn) + x
+        x = self.drop_rows(a, bp.keep("attn")) + x
         if block.attn2 is not None:
             n = block.norm2(x)
             if nag is None and maps is None:
@@ -185,9 +220,9 @@ class UNetAdapter(Adapter):
                 a, cross = self._cross_attention(block.attn2, n, ehs, neg, nag, pos_start, bp, stat_rows)
                 if maps is not None:
                     maps.add(*qk, cross, grid)
-            x = self.drop_rows(a, bp.skip_attn) + x
+            x = self.drop_rows(a, bp.keep("attn")) + x
         f = block.ff(block.norm3(x))
-        return self.drop_rows(f, bp.skip_ff) + x
+        return self.drop_rows(f, bp.keep("ff")) + x
 
     def _cross_attention(self, attn, x, ehs, neg, nag, pos_start, bp, stat_rows=0):
         """attn2 computed here: with NAG on the positive rows (the same queries against the
@@ -205,7 +240,7 @@ class UNetAdapter(Adapter):
 
         def attend(q, text):
             k, v = split(attn.to_k(text)), split(attn.to_v(text))
-            o = sdpa(split(q), k, v)
+            o = ops.sdpa(split(q), k, v)
             return o.transpose(1, 2).reshape(o.shape[0], -1, o.shape[1] * o.shape[-1]).to(q.dtype), k
 
         z, k = attend(q, ehs)
@@ -214,18 +249,11 @@ class UNetAdapter(Adapter):
             qs = split(q[:stat_rows])
             logits = qs.float() @ k[:stat_rows].float().transpose(-1, -2) * attn.scale
             cross = logits.softmax(-1).mean(1)
-        if nag is not None:
-            kern = kernels_for(q)
-            qp, ps = q[pos_start:], pos_start
-            if kern is not None:   # both attentions and the combine in the NAG kernel
-                heads_first = lambda t: split(t).contiguous()
-                zp = kern.nag_attention(heads_first(qp), k[ps:].contiguous(), heads_first(attn.to_v(ehs[ps:])),
-                                        heads_first(attn.to_k(neg[ps:])), heads_first(attn.to_v(neg[ps:])),
-                                        nag.phi, nag.tau, nag.alpha, nag.norm)
-                zp = zp.transpose(1, 2).reshape(zp.shape[0], -1, zp.shape[1] * zp.shape[-1]).to(q.dtype)
-            else:
-                zn, _ = attend(qp, neg[ps:])
-                zp = nag_combine(z[ps:], zn, nag.phi, nag.tau, nag.alpha, nag.norm)
+        if nag is not None:   # both attentions and the combine in the NAG op
+            ps = pos_start
+            zp = ops.nag_attention(split(q[ps:]), k[ps:], split(attn.to_v(ehs[ps:])), split(attn.to_k(neg[ps:])),
+                                   split(attn.to_v(neg[ps:])), nag.phi, nag.tau, nag.alpha, nag.norm)
+            zp = zp.transpose(1, 2).reshape(zp.shape[0], -1, zp.shape[1] * zp.shape[-1]).to(q.dtype)
             z = torch.cat([z[:ps], zp])
         return attn.to_out[1](attn.to_out[0](z)), cross
 
@@ -242,12 +270,12 @@ class UNetAdapter(Adapter):
             raise NotImplementedError("self-attention with spatial/group norm or residual connection "
                                       "is not supported on a perturbed layer")
         v = attn.to_v(x)
-        qsegs, rows = qk_segments(segments)
+        qsegs, rows = ops.qk_segments(segments)
         pieces, qk = {}, None
         if qsegs:
             xq = torch.cat([x[r] for r in rows]) if len(rows) > 1 else x[rows[0]]
             vq = torch.cat([v[r] for r in rows]) if len(rows) > 1 else v[rows[0]]
-            q = query_variants(attn.to_q(xq), qsegs, grid, slice(None))
+            q = ops.blur_queries(attn.to_q(xq), qsegs, grid, slice(None))
             k = attn.to_k(xq)
             n, heads = xq.shape[0], attn.heads
             split = lambda t: t.view(n, -1, heads, t.shape[-1] // heads).transpose(1, 2)
@@ -255,10 +283,10 @@ class UNetAdapter(Adapter):
             if attn.norm_q is not None:
                 q, k = attn.norm_q(q), attn.norm_k(k)
             qk = (q[:stat_rows], k[:stat_rows])   # the base rows come first and are never PAG rows
-            o = variant_attention(q, k, vh, qsegs, mean_identical=True)
+            o = ops.variant_attention(q, k, vh, qsegs, mean_identical=True)
             o = o.transpose(1, 2).reshape(n, -1, heads * vh.shape[-1]).to(q.dtype)
             for s, r in zip(qsegs, rows):
                 pieces[r.start] = o[s.rows]
-        out = [v[s.rows] if s.mode == IDENTITY else pieces[s.start] for s in segments]
+        out = [v[s.rows] if s.variant is not None and s.variant.identity else pieces[s.start] for s in segments]
         out = torch.cat(out) if len(out) > 1 else out[0]
         return attn.to_out[1](attn.to_out[0](out)), qk

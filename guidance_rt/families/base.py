@@ -1,0 +1,127 @@
+"""The Adapter interface every model family implements, and what their forwards share.
+
+A family module declares, as class attributes of its Adapter: the diffusers classes it serves,
+how its blocks are addressed and which are the defaults, which forward arguments are not batched
+per sample, its NAG default, and what the pipelines integration needs; and it implements
+`enumerate_layers` and the packed `forward`. The runtime asks these; it knows no family by name.
+
+The forward runs stock diffusers submodules (resnets, norms, projections, unperturbed blocks) on
+the live rows and takes over only where rows differ: forks, skipped blocks, shuffled tokens and
+perturbed attention, all executed from the plan (guidance_rt.plan) through guidance_rt.ops.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from .. import ops
+from ..layers import Layer, LayerNotFoundError, describe, match_layers
+from ..plan import BlockPlan, StepPlan
+
+
+class Adapter:
+    name: ClassVar[str] = ""                       # the family's name: "unet", "sd3", "flux"
+    classes: ClassVar[tuple[str, ...]] = ()        # diffusers model classes it serves
+    pipelines: ClassVar[tuple[str, ...]] = ()      # diffusers pipeline classes guided() wraps
+    denoiser_attribute: ClassVar[str] = "transformer"   # the pipeline's attribute holding the model
+    # layer addressing: bare integers address blocks; part names that address all their blocks
+    by_index: ClassVar[bool] = True
+    parts: ClassVar[tuple[str, ...]] = ()
+    # per layer role (methods.base.PerturbationTerm.layer_role): the layers a term without
+    # `layers` perturbs
+    default_layers: ClassVar[dict] = {}
+    self_attention: ClassVar[str] = "attn"         # a block's attention module that PAG perturbs
+    unbatched: ClassVar[tuple[str, ...]] = ()      # forward arguments shared by every row
+    nag_alpha: ClassVar[float] = 0.5               # NAG's alpha when the term leaves it None
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = self.enumerate_layers(model)
+        self.trace: dict[int, int] | None = None   # position -> rows run, when tracing
+
+    # ---------------------------------------------------------------- declarations
+
+    @staticmethod
+    def enumerate_layers(model: nn.Module) -> list[Layer]:
+        """Every addressable block of the model, in execution order."""
+        raise NotImplementedError
+
+    @classmethod
+    def resolve(cls, model: nn.Module, layers: list[Layer], spec, term: str = "layers", role: str | None = None,
+                keep_order: bool = False) -> tuple[Layer, ...]:
+        """The blocks a layer spec names (None: the family's default for `role`)."""
+        if spec is None:
+            spec = cls.default_layers.get(role)
+            if spec is None:
+                raise LayerNotFoundError(f"{term}: no default layers for {cls.name}; {describe(layers)}")
+        return match_layers(layers, spec, by_index=cls.by_index, parts=cls.parts, owner=type(model).__name__,
+                            term=term, keep_order=keep_order)
+
+    def output(self, sample: torch.Tensor, return_dict: bool):
+        """The guided prediction in the form the model's own forward returns."""
+        if not return_dict:
+            return (sample,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+        return Transformer2DModelOutput(sample=sample)
+
+    def forward(self, plan: StepPlan, sample: torch.Tensor, timestep: torch.Tensor, base: dict, perms,
+                negative: dict | None = None, nag=None, extras: dict | None = None) -> torch.Tensor:
+        """The packed forward: every row of the plan in one pass. `base`: the model's forward
+        arguments stacked over the base rows (uncond, cond); `timestep` one value per base row;
+        `perms(term_index, position, n_tokens)` TPG's permutations; `negative` and `nag`
+        (denoiser.NagStep) while NAG is active; `extras`: method data a family may feed (S-CFG's
+        semantic maps under "maps"). Returns the prediction of every row."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- rows
+
+    @staticmethod
+    def grow(t: torch.Tensor | None, rows: int, plan: StepPlan, cond: slice | None = None) -> torch.Tensor | None:
+        """Append cond-row copies for the branches that forked after `t` was computed
+        (`cond`: where the cond rows are in `t`, if not at the layout's place)."""
+        if t is None or t.shape[0] >= rows:
+            return t
+        missing = (rows - t.shape[0]) // plan.batch
+        cond = t[plan.cond_rows if cond is None else cond]
+        return torch.cat([t] + [cond] * missing)
+
+    @staticmethod
+    def per_row(t: torch.Tensor | None, plan: StepPlan) -> torch.Tensor | None:
+        """A base-row input (uncond, cond) gathered for every row of the layout."""
+        if t is None:
+            return None
+        return t.index_select(0, plan.row_source)
+
+    @staticmethod
+    def shuffle(x: torch.Tensor, bp: BlockPlan, perms, image: slice = slice(None), first: int = 0) -> torch.Tensor:
+        """TPG: permute the image tokens of the shuffled rows (one permutation per term/layer).
+        `first`: x holds the run rows from `first` on (NAG's stream: the positive rows; shuffled
+        rows are branch rows, never before it)."""
+        if not bp.shuffle:
+            return x
+        n = x[:, image].shape[1]
+        stacked = torch.stack([perms(term, bp.position, n) for _, _, term in bp.shuffle])
+        return ops.token_shuffle(x, stacked, bp.shuffle_table(first), image.start or 0)
+
+    @staticmethod
+    def drop_rows(t: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+        """Zero the output of a sublayer on the rows SLG skips it (`keep`: BlockPlan.keep)."""
+        if keep is None or t is None:
+            return t
+        return t * keep.view(-1, *([1] * (t.dim() - 1)))
+
+    def record(self, position: int, rows: int):
+        if self.trace is not None:
+            self.trace[position] = rows
+
+    # ---------------------------------------------------------------- checks
+
+    @staticmethod
+    def require_processor(attn: nn.Module, allowed: tuple[str, ...], where: str):
+        name = type(getattr(attn, "processor", None)).__name__
+        if name not in allowed:
+            raise NotImplementedError(
+                f"{where}: attention processor {name} is not supported on a perturbed layer; "
+                f"supported: {', '.join(allowed)} (remove custom processors or pick other layers)")
