@@ -48,11 +48,11 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import presets, reference, spec as spec_mod
-from .denoiser import GuidedDenoiser
-from .layers import model_family, resolve_layers
-from .standard import IMPLEMENTATIONS, STANDARD, standard_names
-from .terms import CFG, PAG, SEG, SLG, Guidance
+from .. import presets, reference, spec as spec_mod
+from ..denoiser import GuidedDenoiser
+from ..layers import model_family, resolve_layers
+from ..standard import IMPLEMENTATIONS, STANDARD, standard_names
+from ..terms import CFG, PAG, SEG, SLG, Guidance
 
 # ------------------------------------------------------------------------------------------------
 # Standard configurations (the table: standard.py, which the command line reads without torch)
@@ -1123,7 +1123,7 @@ def _cpu_name() -> str:
 def _git_commit() -> str | None:
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if not os.path.exists(os.path.join(root, ".git")):
         return None
     try:
