@@ -76,7 +76,7 @@ def test_noisy_rows_are_retimed_then_flagged(monkeypatch, second_round, flagged)
     """A timing whose IQR exceeds 20% of its median is timed again with its baseline; if still
     that noisy, the table flags it instead of presenting the figure as a result."""
     times = {"base": iter([10.0] * 8), "noisy": iter([10.0, 40.0, 5.0, 25.0] + second_round)}
-    monkeypatch.setattr(bench, "time_calls", lambda fn, inputs, **kw: [next(times[fn])])
+    monkeypatch.setattr(bench.timing, "time_calls", lambda fn, inputs, **kw: [next(times[fn])])
     rows = [dict(dict.fromkeys(bench.COLUMNS), implementation=impl, batch=1, steps=30, status="ok", reason="",
                  _baseline=("guidance-rt", "g0")) for impl in ("guidance-rt", "reference")]
     baselines = {("guidance-rt", "g0"): rows[0]}
