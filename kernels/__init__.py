@@ -9,7 +9,7 @@ if __name__ == "guidance_rt.kernels":
     from .attention import IDENTITY, MEAN, NORMAL, SOFT, variant_attention
     from .blur import query_blur, seg_kernel_size
     from .combine import combine_weights, guidance_combine
-    from .nag import nag_attention
+    from .nag import nag_attention, nag_combine
     from .rows import gather_rows, scatter_rows
     from .shuffle import token_shuffle
 
@@ -17,7 +17,7 @@ if __name__ == "guidance_rt.kernels":
         "HAS_TRITON", "INTERPRET", "triton_on_cpu",
         "NORMAL", "IDENTITY", "SOFT", "MEAN", "variant_attention",
         "query_blur", "seg_kernel_size",
-        "nag_attention",
+        "nag_attention", "nag_combine",
         "token_shuffle",
         "gather_rows", "scatter_rows",
         "guidance_combine", "combine_weights",

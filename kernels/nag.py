@@ -17,12 +17,21 @@ variant_attention: `z.transpose(1, 2).reshape(R, Nq, H * d)` is free. Zp and Zn 
 q's dtype before the blend (as an attention processor computing them separately would); the
 blend is fp32.
 
+The blend alone, for attentions that compute Zp and Zn themselves (SD3 / FLUX joint attention,
+which needs both text streams and per-row variants):
+
+    z = nag_combine(zp, zn, phi, tau, alpha, norm=1)
+
+zp, zn: (R, N, C), the attention outputs with heads merged (C = H * d, channels last; any
+strides), taken as given in their dtype. Returns Z (R, N, C) in zp's dtype, contiguous; the same
+fp32 blend as above.
+
 Kernels: `_nag_attention_fwd` (one program per (query block, row, head): Q loaded once, two
 flash loops; Zp into the output, Zn into a scratch) and `_nag_combine` (one program per token
-block: the norms over all heads, then the blend in place). The norm couples all heads of a
-token, which live in different attention programs, so the blend is a separate epilogue; the
-alternative, atomically accumulated per-token norms plus the same epilogue, saves nothing (the
-epilogue must read Zp and Zn again either way).
+block: the norms over all heads, then the blend; in place for nag_attention, into a new tensor
+for nag_combine). The norm couples all heads of a token, which live in different attention
+programs, so the blend is a separate epilogue; the alternative, atomically accumulated per-token
+norms plus the same epilogue, saves nothing (the epilogue must read Zp and Zn again either way).
 """
 from __future__ import annotations
 
@@ -86,21 +95,31 @@ if HAS_TRITON:
         tl.store(ZN + out_offs, to_out(zn, ZN.dtype.element_ty, INTERP_BF16), mask=io_mask)
 
     @jit
-    def _nag_combine(O, ZN, s_or, s_on, N, C, phi, tau, alpha, NORM: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, INTERP_BF16: tl.constexpr):
-        """Per token (all H * d channels, contiguous in O and ZN): norms, then the blend."""
+    def _zp_zt(ZP, ZN, p_offs, n_offs, mask, phi):
+        """One tile of Zp and of Zt = phi Zp - (phi - 1) Zn, in fp32."""
+        zp = tl.load(ZP + p_offs, mask=mask, other=0.0).to(tl.float32)
+        zn = tl.load(ZN + n_offs, mask=mask, other=0.0).to(tl.float32)
+        return zp, phi * zp - (phi - 1.0) * zn
+
+    @jit
+    def _nag_combine(ZP, ZN, O, s_pr, s_pn, s_pc, s_nr, s_nn, s_nc, s_or, s_on, N, C,
+                     phi, tau, alpha, NORM: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_C: tl.constexpr, INTERP_BF16: tl.constexpr):
+        """Per token (all C = H * d channels): the norms, then the blend into O (channels
+        contiguous). O may be ZP itself: each tile is read before it is overwritten."""
         r = tl.program_id(0)
         offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = offs_t < N
-        base = r * s_or + offs_t[:, None] * s_on
+        p_tok = r * s_pr + offs_t[:, None] * s_pn
+        n_tok = r * s_nr + offs_t[:, None] * s_nn
+        o_tok = r * s_or + offs_t[:, None] * s_on
         norm_p = tl.full([BLOCK_T], 0.0, tl.float32)
         norm_t = tl.full([BLOCK_T], 0.0, tl.float32)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = mask_t[:, None] & (offs_c < C)[None, :]
-            zp = tl.load(O + base + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
-            zn = tl.load(ZN + base + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
-            zt = phi * zp - (phi - 1.0) * zn
+            zp, zt = _zp_zt(ZP, ZN, p_tok + offs_c[None, :] * s_pc,
+                            n_tok + offs_c[None, :] * s_nc, mask, phi)
             if NORM == 1:
                 norm_p += fsum(tl.abs(zp), 1)
                 norm_t += fsum(tl.abs(zt), 1)
@@ -116,11 +135,10 @@ if HAS_TRITON:
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = mask_t[:, None] & (offs_c < C)[None, :]
-            zp = tl.load(O + base + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
-            zn = tl.load(ZN + base + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
-            zt = phi * zp - (phi - 1.0) * zn
+            zp, zt = _zp_zt(ZP, ZN, p_tok + offs_c[None, :] * s_pc,
+                            n_tok + offs_c[None, :] * s_nc, mask, phi)
             z = alpha * (zt * factor[:, None]) + (1.0 - alpha) * zp
-            tl.store(O + base + offs_c[None, :], to_out(z, O.dtype.element_ty, INTERP_BF16),
+            tl.store(O + o_tok + offs_c[None, :], to_out(z, O.dtype.element_ty, INTERP_BF16),
                      mask=mask)
 
 
@@ -130,6 +148,17 @@ if HAS_TRITON:
 def _empty_out(q: torch.Tensor, d: int) -> torch.Tensor:
     rows, heads, n = q.shape[:3]
     return q.new_empty(rows, n, heads, d).transpose(1, 2)
+
+
+def _launch_combine(zp, zn, out, phi: float, tau: float, alpha: float, norm: int):
+    """The blend of (R, N, C) zp and zn (any strides) into out (unit channel stride; may be zp)."""
+    rows, n, channels = out.shape
+    cuda = out.device.type == "cuda"
+    block_t, block_c = (4, min(1024, next_pow2(channels))) if cuda else (16, 16)
+    torch.library.wrap_triton(_nag_combine)[(rows, triton.cdiv(n, block_t))](
+        zp, zn, out, *zp.stride(), *zn.stride(), out.stride(0), out.stride(1), n, channels,
+        phi, tau, alpha, NORM=norm, BLOCK_T=block_t, BLOCK_C=block_c,
+        INTERP_BF16=interp_bf16(out.dtype), num_warps=4)
 
 
 def _triton_impl(q, k_pos, v_pos, k_neg, v_neg, phi: float, tau: float, alpha: float,
@@ -147,34 +176,42 @@ def _triton_impl(q, k_pos, v_pos, k_neg, v_neg, phi: float, tau: float, alpha: f
         k_neg.shape[2], LOG2E / math.sqrt(d), D=d,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, INTERP_BF16=interp_bf16(q.dtype),
         F32_3X=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
-    channels = heads * d
-    block_t, block_c = (16, 16) if q.device.type != "cuda" else (4, min(1024, next_pow2(channels)))
-    torch.library.wrap_triton(_nag_combine)[(rows, triton.cdiv(nq, block_t))](
-        out, zn, out.stride(0), out.stride(2), nq, channels, phi, tau, alpha,
-        NORM=norm, BLOCK_T=block_t, BLOCK_C=block_c, INTERP_BF16=interp_bf16(q.dtype), num_warps=4)
+    z = out.transpose(1, 2).flatten(2)     # (R, N, H * d) views: a token's channels
+    _launch_combine(z, zn.transpose(1, 2).flatten(2), z, phi, tau, alpha, norm)
     return out
 
 
 # ---------------------------------------------------------------- PyTorch implementation
 
 
-def _torch_impl(q, k_pos, v_pos, k_neg, v_neg, phi: float, tau: float, alpha: float,
-                norm: int) -> torch.Tensor:
-    out = _empty_out(q, q.shape[-1])
-    zp = F.scaled_dot_product_attention(q, k_pos, v_pos).transpose(1, 2).float()   # (R, N, H, d)
-    zn = F.scaled_dot_product_attention(q, k_neg, v_neg).transpose(1, 2).float()
+def _blend(zp: torch.Tensor, zn: torch.Tensor, phi: float, tau: float, alpha: float,
+           norm: int) -> torch.Tensor:
+    """The NAG blend over the last dim (a token's channels, all heads), fp32."""
+    zp, zn = zp.float(), zn.float()
     zt = phi * zp - (phi - 1) * zn
-    norm_p = zp.flatten(2).norm(p=norm, dim=-1)[..., None, None]
-    norm_t = zt.flatten(2).norm(p=norm, dim=-1)[..., None, None]
+    norm_p = zp.norm(p=norm, dim=-1, keepdim=True)
+    norm_t = zt.norm(p=norm, dim=-1, keepdim=True)
     ok = (norm_p > 0) & (norm_t > 0)
     ratio = norm_t / torch.where(ok, norm_p, 1.0)
     factor = torch.where(ok, ratio.clamp(max=tau) / torch.where(ok, ratio, 1.0), 1.0)
-    z = alpha * (zt * factor) + (1 - alpha) * zp
-    out.transpose(1, 2).copy_(z)
+    return alpha * (zt * factor) + (1 - alpha) * zp
+
+
+def _torch_impl(q, k_pos, v_pos, k_neg, v_neg, phi: float, tau: float, alpha: float,
+                norm: int) -> torch.Tensor:
+    out = _empty_out(q, q.shape[-1])
+    zp = F.scaled_dot_product_attention(q, k_pos, v_pos).transpose(1, 2).flatten(2)  # (R, N, C)
+    zn = F.scaled_dot_product_attention(q, k_neg, v_neg).transpose(1, 2).flatten(2)
+    out.transpose(1, 2).flatten(2).copy_(_blend(zp, zn, phi, tau, alpha, norm))
     return out
 
 
 # ---------------------------------------------------------------- ops
+
+
+def _check_norm(name: str, norm: int):
+    if norm not in (1, 2):
+        raise ValueError(f"{name}: norm must be 1 or 2, got {norm}")
 
 
 @torch.library.custom_op("guidance_rt::nag_attention_torch", mutates_args=())
@@ -202,11 +239,42 @@ def nag_attention(q: torch.Tensor, k_pos: torch.Tensor, v_pos: torch.Tensor, k_n
                   v_neg: torch.Tensor, phi: float, tau: float = 2.5, alpha: float = 0.5,
                   norm: int = 1) -> torch.Tensor:
     """NAG attention and blend (see the module docstring); phi = 1 is off."""
-    if norm not in (1, 2):
-        raise ValueError(f"nag_attention: norm must be 1 or 2, got {norm}")
+    _check_norm("nag_attention", norm)
     if q.shape[-1] != v_pos.shape[-1] or v_pos.shape[-1] != v_neg.shape[-1]:
         raise ValueError("nag_attention: q, v_pos and v_neg must share the head dim")
     if not (q.shape[:2] == k_pos.shape[:2] == v_pos.shape[:2] == k_neg.shape[:2] == v_neg.shape[:2]):
         raise ValueError("nag_attention: q, k and v must share rows and heads (R, H, N, d)")
     return nag_attention_op(q, k_pos, v_pos, k_neg, v_neg, float(phi), float(tau), float(alpha),
                             int(norm))
+
+
+@torch.library.custom_op("guidance_rt::nag_combine_torch", mutates_args=())
+def nag_combine_torch(zp: torch.Tensor, zn: torch.Tensor, phi: float, tau: float, alpha: float,
+                      norm: int) -> torch.Tensor:
+    return _blend(zp, zn, phi, tau, alpha, norm).to(zp.dtype).contiguous()
+
+
+@nag_combine_torch.register_fake
+def _(zp, zn, phi, tau, alpha, norm):
+    return zp.new_empty(zp.shape)
+
+
+@define_op("guidance_rt::nag_combine", mutates_args=())
+def nag_combine_op(zp: torch.Tensor, zn: torch.Tensor, phi: float, tau: float, alpha: float,
+                   norm: int) -> torch.Tensor:
+    if not use_triton(zp):
+        return nag_combine_torch(zp, zn, phi, tau, alpha, norm)
+    out = poison_(zp.new_empty(zp.shape))
+    if out.numel():
+        _launch_combine(zp, zn, out, phi, tau, alpha, norm)
+    return out
+
+
+def nag_combine(zp: torch.Tensor, zn: torch.Tensor, phi: float, tau: float = 2.5,
+                alpha: float = 0.5, norm: int = 1) -> torch.Tensor:
+    """The NAG blend alone, of attention outputs with heads merged (see the module docstring)."""
+    _check_norm("nag_combine", norm)
+    if zp.dim() != 3 or zp.shape != zn.shape:
+        raise ValueError(f"nag_combine: zp and zn must both be (R, N, C), got {tuple(zp.shape)} "
+                         f"and {tuple(zn.shape)}")
+    return nag_combine_op(zp, zn, float(phi), float(tau), float(alpha), int(norm))

@@ -37,6 +37,7 @@ def _op_cases():
         "query_blur": (ops.query_blur, (a["x"], 2, 5, 1.0, 1)),
         "query_blur_mean": (ops.query_blur, (a["x"], 2, 5, 1e7, 1)),
         "nag_attention": (ops.nag_attention, (a["q"], a["k"], a["v"], a["kn"], a["vn"], 3.0, 2.5, 0.5, 1)),
+        "nag_combine": (ops.nag_combine, (a["x"], a["x"].flip(1), 3.0, 2.5, 0.5, 2)),
         "token_shuffle": (ops.token_shuffle, (a["x"], a["perms"], a["table"], 2)),
         "gather_rows": (ops.gather_rows, (a["x"], a["index"])),
         "scatter_rows": (ops.scatter_rows, (a["x"], a["index"], a["x"][:2] * 2)),
@@ -62,7 +63,7 @@ def test_opcheck_with_triton_kernels():
 def _step(q, k, v, kn, vn, mode, beta, head_mask, x, perms, table, index, preds, weights, rate):
     xb = K.query_blur(x, 2, 5, 1.0, 1)
     xs = K.token_shuffle(xb, perms, table, 2)
-    qb = xs.view(R, N, H, D).transpose(1, 2)
+    qb = K.nag_combine(xs, xb, 3.0, 2.5, 0.5).view(R, N, H, D).transpose(1, 2)
     o = K.variant_attention(qb, k, v, mode, beta, head_mask, (2, N))
     z = K.nag_attention(qb, k, v, kn, vn, 3.0, 2.5, 0.5)
     g = K.gather_rows(o + z, index)
