@@ -17,16 +17,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .effects import Segment
-from .kernels import gather_rows, guidance_combine, nag_attention, scatter_rows, token_shuffle
-
-
-def nag_combine(zp, zn, phi, tau, alpha, norm):   # TEMP-NAGOP: replaced by kernels.nag_combine
-    acc = torch.promote_types(zp.dtype, torch.float32)
-    zp32, zn32 = zp.to(acc), zn.to(acc)
-    zt = phi * zp32 - (phi - 1) * zn32
-    ratio = zt.norm(p=norm, dim=-1, keepdim=True) / zp32.norm(p=norm, dim=-1, keepdim=True)
-    factor = torch.where(torch.isfinite(ratio) & (ratio > 0), ratio.clamp(max=tau) / ratio, torch.ones_like(ratio))
-    return (alpha * zt * factor + (1 - alpha) * zp32).to(zp.dtype)
+from .kernels import gather_rows, guidance_combine, nag_attention, nag_combine, scatter_rows, token_shuffle
 
 __all__ = ["sdpa", "blur_queries", "variant_attention", "shift_segments", "qk_segments", "gather_rows",
            "scatter_rows", "token_shuffle", "guidance_combine", "nag_attention", "nag_combine"]
