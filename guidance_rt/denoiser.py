@@ -262,6 +262,8 @@ class GuidedDenoiser:
                 _check_batch(uncond, batch, unbatched, "uncond")
             if nag is not None:
                 _check_batch(negative, batch, unbatched, "negative")
+        if g.cfg is not None and g.cfg.zero_prediction(step):   # no forward can change a zero
+            return sample.new_zeros(self.adapter.output_shape(sample))
         plan = self.plan(batch, has_uncond, active, nag is not None, sample.device)
         base = _merge(uncond, cond, "uncond/cond", unbatched) if has_uncond else cond
         groups = plan.base_rows // batch

@@ -59,6 +59,11 @@ class Adapter:
         return match_layers(layers, spec, by_index=cls.by_index, parts=cls.parts, owner=type(model).__name__,
                             term=term, keep_order=keep_order)
 
+    def output_shape(self, sample: torch.Tensor) -> tuple[int, ...]:
+        """The shape of the model's prediction for `sample`: channels first, as the sample's,
+        with the model's output channels (FLUX: channels last)."""
+        return (sample.shape[0], self.model.config.out_channels, *sample.shape[2:])
+
     def output(self, sample: torch.Tensor, return_dict: bool):
         """The guided prediction in the form the model's own forward returns."""
         if not return_dict:

@@ -39,6 +39,9 @@ class FluxAdapter(DiTAdapter):
         return double + [Layer(f"s{i}", f"single_transformer_blocks.{i}", "single", len(double) + i, b.attn.heads)
                          for i, b in enumerate(model.single_transformer_blocks)]
 
+    def output_shape(self, sample):
+        return (*sample.shape[:-1], self.model.out_channels)
+
     def forward(self, plan, sample, timestep, base: dict, perms, negative: dict | None = None, nag=None,
                 extras=None):
         m = self.model

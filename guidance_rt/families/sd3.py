@@ -24,6 +24,9 @@ class SD3Adapter(DiTAdapter):
         return [Layer(str(i), f"transformer_blocks.{i}", "joint", i, b.attn.heads)
                 for i, b in enumerate(model.transformer_blocks)]
 
+    def output_shape(self, sample):
+        return (sample.shape[0], self.model.out_channels, *sample.shape[2:])
+
     def forward(self, plan, sample, timestep, base: dict, perms, negative: dict | None = None, nag=None,
                 extras=None):
         m = self.model
