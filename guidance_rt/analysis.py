@@ -67,7 +67,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .families import enumerate_layers, model_family, resolve_layers
+from .families import enumerate_layers, family_of, model_family, resolve_layers
 from .layers import Layer
 
 __all__ = ["PromptPair", "LayerScore", "LayerRanking", "find_layers", "load_pairs", "SHIPPED_PAIRS",
@@ -171,19 +171,9 @@ def pseudo_embedding(text: str, length: int, dim: int, pooled_dim: int | None = 
 
 def capture_sites(model: nn.Module) -> list[tuple[Layer, nn.Module, str]]:
     """(layer, module whose output is captured, description) for every block, in execution order."""
-    family = model_family(model)
-    out = []
-    for layer in enumerate_layers(model):
-        block = model.get_submodule(layer.path)
-        if family == "unet":
-            attn = block.attn2 if getattr(block, "attn2", None) is not None else block.attn1
-            which = "attn2" if attn is getattr(block, "attn2", None) else "attn1"
-            out.append((layer, attn.to_out[0], f"{layer.path}.{which}.to_out.0"))
-        elif family == "flux" and layer.part == "single":
-            out.append((layer, block.attn, f"{layer.path}.attn (output, image tokens; no to_out)"))
-        else:
-            out.append((layer, block.attn.to_out[0], f"{layer.path}.attn.to_out.0"))
-    return out
+    family = family_of(model)
+    return [(layer, *family.capture_site(layer, model.get_submodule(layer.path))[:2])
+            for layer in enumerate_layers(model)]
 
 
 def _pair_stats(x: torch.Tensor, full: bool) -> dict:
@@ -237,7 +227,6 @@ class _Session:
     def __init__(self, model, sites, capture_calls: set[int], rows: int, full: bool, bar=None):
         self.model, self.sites, self.capture_calls = model, sites, capture_calls
         self.rows, self.full, self.bar = rows, full, bar
-        self.family = model_family(model)
         self.calls = 0
         self.active: int | None = None
         self.n_img = None
@@ -258,7 +247,7 @@ class _Session:
             raise RuntimeError(f"layer finding: the denoiser was called with batch {total}, expected "
                                f"{self.rows} prompt rows (or {2 * self.rows} with classifier-free guidance)")
         self.total = total
-        self.n_img = sample.shape[1] if self.family == "flux" else None
+        self.n_img = sample.shape[1]   # packed image tokens, for sites whose output ends with them
         t = timestep
         if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == total:
             t = t[total - self.rows:]
@@ -270,6 +259,8 @@ class _Session:
         self.active = None
 
     def _site(self, layer: Layer):
+        image_last = family_of(self.model).capture_site(layer, self.model.get_submodule(layer.path))[2]
+
         def hook(module, args, output):
             if self.active is None:
                 return
@@ -277,7 +268,7 @@ class _Session:
             if x.shape[0] != self.total:
                 raise RuntimeError(f"layer finding: {layer.name} saw {x.shape[0]} rows, expected {self.total}")
             x = x[self.total - self.rows:]
-            if self.family == "flux" and layer.part == "single":
+            if image_last:
                 x = x[:, -self.n_img:]
             self.stats[self.active][layer.name] = _pair_stats(x, self.full)
         return hook
@@ -318,7 +309,6 @@ class _BareRunner:
         from .presets import example_inputs
 
         self.model = model
-        self.family = model_family(model)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.tmpl = example_inputs(model, batch=1, height=height, width=width, device=self.device,
@@ -328,35 +318,35 @@ class _BareRunner:
     def _scheduler(self):
         import diffusers as D
 
-        if self.family == "unet":
-            return D.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                            steps_offset=1, timestep_spacing="leading")
-        return D.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        return family_of(self.model).scheduler()
 
     def embed(self, prompts: Sequence[str]) -> dict:
+        """The template conditioning with each prompt's pseudo embedding: its text states and
+        pooled vector (SD3 / FLUX pooled_projections, SDXL text_embeds) replaced, every other
+        per-sample input repeated, shared ones (FLUX's ids) kept."""
         cond = self.tmpl["cond"]
         n = len(prompts)
         ehs = cond["encoder_hidden_states"]
-        length, dim = ehs.shape[1], ehs.shape[2]
-        if self.family == "unet":
-            added = cond.get("added_cond_kwargs")
-            pooled_dim = added["text_embeds"].shape[-1] if added else None
-        else:
-            pooled_dim = cond["pooled_projections"].shape[-1]
-        hs, ps = zip(*(pseudo_embedding(p, length, dim, pooled_dim) for p in prompts))
+        pooled = cond.get("pooled_projections", (cond.get("added_cond_kwargs") or {}).get("text_embeds"))
+        hs, ps = zip(*(pseudo_embedding(p, ehs.shape[1], ehs.shape[2],
+                                        None if pooled is None else pooled.shape[-1]) for p in prompts))
         to = dict(device=self.device, dtype=self.dtype)
-        kw = {"encoder_hidden_states": torch.stack(hs).to(**to)}
-        if self.family == "unet":
-            if added:
-                kw["added_cond_kwargs"] = {"text_embeds": torch.stack(ps).to(**to),
-                                           "time_ids": added["time_ids"].expand(n, -1).clone()}
-        else:
-            kw["pooled_projections"] = torch.stack(ps).to(**to)
-        if self.family == "flux":
-            kw["txt_ids"], kw["img_ids"] = cond["txt_ids"], cond["img_ids"]
-            if cond.get("guidance") is not None:
-                kw["guidance"] = cond["guidance"].expand(n).clone()
-        return kw
+        unbatched = family_of(self.model).unbatched
+
+        def fill(d: dict) -> dict:
+            out = {}
+            for k, v in d.items():
+                if k == "encoder_hidden_states":
+                    out[k] = torch.stack(hs).to(**to)
+                elif k in ("pooled_projections", "text_embeds"):
+                    out[k] = torch.stack(ps).to(**to)
+                elif isinstance(v, dict):
+                    out[k] = fill(v)
+                else:
+                    out[k] = v if k in unbatched else v.expand(n, *v.shape[1:]).clone()
+            return out
+
+        return fill(cond)
 
     def latents(self, seeds: Sequence[int]) -> torch.Tensor:
         shape = self.tmpl["sample"].shape[1:]
@@ -373,12 +363,7 @@ class _BareRunner:
         x = self.latents(seeds) * getattr(sched, "init_noise_sigma", 1.0)
         n = len(prompts)
         for t in sched.timesteps:
-            if self.family == "unet":
-                inp, ts = sched.scale_model_input(x, t), t.expand(n)
-            elif self.family == "sd3":
-                inp, ts = x, t.expand(n).to(self.dtype)
-            else:
-                inp, ts = x, (t / 1000).expand(n).to(self.dtype)
+            inp, ts = family_of(self.model).model_input(sched, x, t, n)
             pred = self.model(inp, timestep=ts, **kw, return_dict=False)[0]
             x = sched.step(pred, t, x, return_dict=False)[0]
 

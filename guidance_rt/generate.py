@@ -55,7 +55,6 @@ from .preset_configs import tiny_preset_problem
 from .guidance import Guidance
 from .methods import CFG, NAG
 
-DEFAULT_GUIDANCE = {"unet": "cfg=5", "sd3": "cfg=4", "flux": ""}
 METADATA_KEY = "guidance-rt"
 
 
@@ -439,16 +438,14 @@ def inspect_model(settings: Settings, no_download: str | None = None) -> ModelIn
     import diffusers
 
     from . import presets
-    from .families import SUPPORTED_CLASSES, SUPPORTED_PIPELINES, model_family
+    from .families import FAMILIES, SUPPORTED_CLASSES, SUPPORTED_PIPELINES, family_of
 
     if settings.preset:
         p = presets.get_preset(settings.preset)
         name, vae_factor = p.name, presets._VAE_SCALE
         denoiser = presets.build_model(p.name, device="meta")
         # the stock pipeline presets.build_pipeline puts around this family
-        pipeline = {"unet": "StableDiffusionXLPipeline" if p.config.get("addition_embed_type") == "text_time"
-                    else "StableDiffusionPipeline",
-                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[p.family]
+        pipeline = FAMILIES[p.family].pipeline_class(p.config)
     else:
         name = settings.model
         index = _read_config(name, "model_index.json", no_download)
@@ -473,11 +470,10 @@ def inspect_model(settings: Settings, no_download: str | None = None) -> ModelIn
             "block_out_channels")
         # the pipelines' vae_scale_factor: 2 ** (VAE levels - 1), 8 without a VAE
         vae_factor = 2 ** (len(channels) - 1) if isinstance(channels, list) and channels else 8
-    family = model_family(denoiser)
-    patch = {"unet": 1, "sd3": denoiser.config.get("patch_size", 1), "flux": 2}[family]
-    grid = denoiser.config.get("pos_embed_max_size") if family == "sd3" else None
-    return ModelInfo(name, family, pipeline, denoiser, vae_factor * patch,
-                     grid * patch * vae_factor if grid else None)
+    family = family_of(denoiser)
+    limit = family.latent_limit(denoiser.config)
+    return ModelInfo(name, family.name, pipeline, denoiser, vae_factor * family.latent_multiple(denoiser.config),
+                     limit * vae_factor if limit else None)
 
 
 class _TorchvisionNotice(logging.Filter):
@@ -550,6 +546,11 @@ def _family(pipe) -> str:
     return model_family(_denoiser(pipe))
 
 
+def _default_guidance(family: str) -> str:
+    from .families import FAMILIES
+    return FAMILIES[family].default_guidance
+
+
 def default_size(pipe) -> tuple[int, int]:
     den = _denoiser(pipe)
     size = getattr(pipe, "default_sample_size", None) or den.config.sample_size
@@ -616,7 +617,7 @@ def prepare(settings: Settings, info: ModelInfo, explicit_negative: bool) -> tup
     take them, the image size, NAG's negative prompt. Returns the settings with the canonical
     guidance and NAG's negative prompt, and the Guidance."""
     s = copy.deepcopy(settings)
-    g = spec_mod.parse_spec(s.guidance if s.guidance is not None else DEFAULT_GUIDANCE[info.family])
+    g = spec_mod.parse_spec(s.guidance if s.guidance is not None else _default_guidance(info.family))
     s.guidance, s.guidance_json = spec_mod.format_spec(g), spec_mod.to_dict(g)
     _check_size(s, info)
     if s.grid is not None:

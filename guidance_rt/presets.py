@@ -29,12 +29,11 @@ __all__ = [
 ]
 
 from .families import FAMILIES as _FAMILY_CLASSES, model_family as _family_of
+from .families.flux import flux_image_ids, pack_flux_latents, unpack_flux_latents
 from .preset_configs import PRESETS, Preset, get_preset
 
 FAMILIES = tuple(_FAMILY_CLASSES)
 
-# Text tokens each pipeline feeds the denoiser by default: CLIP 77; SD3 77 CLIP + 256 T5; FLUX 512 T5.
-_TEXT_LEN = {"unet": 77, "sd3": 77 + 256, "flux": 512}
 _VAE_SCALE = 8  # every family's VAE downsamples by 8 (SDXL's time_ids are in image pixels)
 
 
@@ -121,28 +120,6 @@ def _preset_of(model: nn.Module) -> Preset | None:
 # ---------------------------------------------------------------------------------------------
 # FLUX packing (FluxPipeline._pack_latents / _unpack_latents / _prepare_latent_image_ids)
 
-def pack_flux_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, 4C): 2x2 patches, row-major, as FluxPipeline packs them."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_flux_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, H/2 * W/2, 4C) -> (B, C, H, W); height/width in latent pixels."""
-    b, _, c4 = packed.shape
-    x = packed.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c4 // 4, height, width)
-
-
-def flux_image_ids(height: int, width: int, *, device="cpu", dtype=torch.float32) -> torch.Tensor:
-    """img_ids (H/2 * W/2, 3) = (0, row, col) per packed token; height/width in latent pixels."""
-    ids = torch.zeros(height // 2, width // 2, 3)
-    ids[..., 1] += torch.arange(height // 2)[:, None]
-    ids[..., 2] += torch.arange(width // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
@@ -166,15 +143,16 @@ def example_inputs(name_or_model, *, batch: int = 1, height: int | None = None, 
     else:
         family, cfg = _family_of(name_or_model), dict(name_or_model.config)
         preset = _preset_of(name_or_model)
+    family_cls = _FAMILY_CLASSES[family]
     if preset is not None:
         default_hw = preset.latent
-        text_len = text_len or preset.text_len or _TEXT_LEN[family]
+        text_len = text_len or preset.text_len or family_cls.text_tokens
     else:
         s = cfg.get("sample_size") or 128
         default_hw = (s, s) if isinstance(s, int) else tuple(s)
-        text_len = text_len or _TEXT_LEN[family]
+        text_len = text_len or family_cls.text_tokens
     h, w = height or default_hw[0], width or default_hw[1]
-    multiple = {"unet": 1, "sd3": cfg.get("patch_size", 1), "flux": 2}[family]
+    multiple = family_cls.latent_multiple(cfg)
     if h % multiple or w % multiple:
         raise ValueError(f"latent {h}x{w} must be divisible by {multiple} for a {family} model")
 
@@ -183,45 +161,7 @@ def example_inputs(name_or_model, *, batch: int = 1, height: int | None = None, 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    B = batch
-    if family == "unet":
-        sample = randn(B, cfg["in_channels"], h, w)
-        timestep = torch.full((B,), round(t * 999), dtype=torch.long, device=device)
-        ctx = cfg["cross_attention_dim"]
-        ctx = ctx[0] if isinstance(ctx, (tuple, list)) else ctx
-        if cfg.get("addition_embed_type") == "text_time":
-            text_dim = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-            # (original h, w, crop top, left, target h, w) in image pixels, as SDXL's pipeline
-            ph, pw = h * _VAE_SCALE, w * _VAE_SCALE
-            time_ids = torch.tensor([ph, pw, 0, 0, ph, pw], dtype=dtype, device=device).repeat(B, 1)
-
-            def branch():
-                return {"encoder_hidden_states": randn(B, text_len, ctx),
-                        "added_cond_kwargs": {"text_embeds": randn(B, text_dim), "time_ids": time_ids.clone()}}
-        else:
-            def branch():
-                return {"encoder_hidden_states": randn(B, text_len, ctx)}
-    elif family == "sd3":
-        sample = randn(B, cfg["in_channels"], h, w)
-        timestep = torch.full((B,), t * 1000.0, dtype=torch.float32, device=device)
-
-        def branch():
-            return {"encoder_hidden_states": randn(B, text_len, cfg["joint_attention_dim"]),
-                    "pooled_projections": randn(B, cfg["pooled_projection_dim"])}
-    else:
-        sample = pack_flux_latents(randn(B, cfg["in_channels"] // 4, h, w))
-        timestep = torch.full((B,), t, dtype=dtype, device=device)
-        img_ids = flux_image_ids(h, w, device=device, dtype=dtype)
-
-        def branch():
-            kw = {"encoder_hidden_states": randn(B, text_len, cfg["joint_attention_dim"]),
-                  "pooled_projections": randn(B, cfg["pooled_projection_dim"]),
-                  "txt_ids": torch.zeros(text_len, 3, device=device, dtype=dtype),
-                  "img_ids": img_ids.clone()}
-            if cfg.get("guidance_embeds"):
-                kw["guidance"] = torch.full((B,), 3.5, device=device, dtype=dtype)  # FLUX.1-dev default
-            return kw
-
+    sample, timestep, branch = family_cls.example_step(cfg, batch, h, w, text_len, t, randn)
     cond, uncond, negative = branch(), branch(), branch()
     return {"sample": sample, "timestep": timestep, "cond": cond, "uncond": uncond,
             "negative": negative, "height": h, "width": w}

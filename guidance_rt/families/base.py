@@ -35,6 +35,8 @@ class Adapter:
     self_attention: ClassVar[str] = "attn"         # a block's attention module that PAG perturbs
     unbatched: ClassVar[tuple[str, ...]] = ()      # forward arguments shared by every row
     nag_alpha: ClassVar[float] = 0.5               # NAG's alpha when the term leaves it None
+    text_tokens: ClassVar[int] = 77                # text tokens its stock pipeline feeds by default
+    default_guidance: ClassVar[str] = "cfg=5"      # `guidance-rt generate`'s default spec
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -58,6 +60,46 @@ class Adapter:
                 raise LayerNotFoundError(f"{term}: no default layers for {cls.name}; {describe(layers)}")
         return match_layers(layers, spec, by_index=cls.by_index, parts=cls.parts, owner=type(model).__name__,
                             term=term, keep_order=keep_order)
+
+    @staticmethod
+    def latent_multiple(config: dict) -> int:
+        """Latent sides must be multiples of this (the patch size)."""
+        return 1
+
+    @staticmethod
+    def latent_limit(config: dict) -> int | None:
+        """The largest latent side the model's position embedding covers (None: no limit)."""
+        return None
+
+    @staticmethod
+    def pipeline_class(config: dict) -> str:
+        """The stock diffusers pipeline built around a model of this config."""
+        raise NotImplementedError
+
+    @staticmethod
+    def example_step(config: dict, batch: int, height: int, width: int, text_len: int, t: float, randn):
+        """One step's random inputs in the stock pipeline's conventions (presets.example_inputs):
+        (sample, timestep, branch) where branch() draws one branch's forward arguments. `randn`
+        draws on the caller's device and dtype; `t` is the noise level in (0, 1)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def capture_site(layer: Layer, block: nn.Module) -> tuple[nn.Module, str, bool]:
+        """The module whose output stands for a block in CSLG layer finding (guidance_rt.analysis),
+        its description, and whether the image tokens are the last of its output's tokens (then
+        only those are compared; False: the output is image tokens only)."""
+        return block.attn.to_out[0], f"{layer.path}.attn.to_out.0", False
+
+    @staticmethod
+    def scheduler():
+        """The stock pipeline's scheduler with its default configuration (layer finding runs)."""
+        import diffusers
+        return diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+    @staticmethod
+    def model_input(scheduler, x: torch.Tensor, t: torch.Tensor, n: int):
+        """(sample, timestep) the stock pipeline passes the model at scheduler timestep t."""
+        return x, t.expand(n).to(x.dtype)
 
     def output_shape(self, sample: torch.Tensor) -> tuple[int, ...]:
         """The shape of the model's prediction for `sample`: channels first, as the sample's,

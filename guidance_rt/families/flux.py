@@ -11,6 +11,28 @@ from .dit import DiTAdapter, NagStream
 FLUX_PROCESSORS = ("FluxAttnProcessor",)
 
 
+def pack_flux_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): 2x2 patches, row-major, as FluxPipeline packs them."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_flux_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H/2 * W/2, 4C) -> (B, C, H, W); height/width in latent pixels."""
+    b, _, c4 = packed.shape
+    x = packed.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, height, width)
+
+
+def flux_image_ids(height: int, width: int, *, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """img_ids (H/2 * W/2, 3) = (0, row, col) per packed token; height/width in latent pixels."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] += torch.arange(height // 2)[:, None]
+    ids[..., 2] += torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
 def flux_grid(img_ids: torch.Tensor) -> tuple[int, int]:
     """(rows, cols) of the packed latent grid; img_ids is row-major (_prepare_latent_image_ids)."""
     return int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
@@ -31,6 +53,44 @@ class FluxAdapter(DiTAdapter):
     default_layers = {"attention": "1", "tokens": "1", "skip": (7, 8, 9)}
     unbatched = ("txt_ids", "img_ids")
     nag_alpha = 0.25
+    text_tokens = 512   # T5
+    default_guidance = ""   # FLUX.1-dev is guidance-distilled: no CFG by default
+
+    @staticmethod
+    def latent_multiple(config):
+        return 2
+
+    @staticmethod
+    def capture_site(layer, block):
+        if layer.part == "single":   # no to_out: the attention's output holds [text, image] tokens
+            return block.attn, f"{layer.path}.attn (output, image tokens; no to_out)", True
+        return DiTAdapter.capture_site(layer, block)
+
+    @staticmethod
+    def model_input(scheduler, x, t, n):
+        return x, (t / 1000).expand(n).to(x.dtype)   # FluxPipeline passes sigma
+
+    @staticmethod
+    def pipeline_class(config):
+        return "FluxPipeline"
+
+    @staticmethod
+    def example_step(config, batch, height, width, text_len, t, randn):
+        sample = pack_flux_latents(randn(batch, config["in_channels"] // 4, height, width))
+        device, dtype = sample.device, sample.dtype
+        timestep = torch.full((batch,), t, dtype=dtype, device=device)
+        img_ids = flux_image_ids(height, width, device=device, dtype=dtype)
+
+        def branch():
+            kw = {"encoder_hidden_states": randn(batch, text_len, config["joint_attention_dim"]),
+                  "pooled_projections": randn(batch, config["pooled_projection_dim"]),
+                  "txt_ids": torch.zeros(text_len, 3, device=device, dtype=dtype),
+                  "img_ids": img_ids.clone()}
+            if config.get("guidance_embeds"):
+                kw["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)  # FLUX.1-dev default
+            return kw
+
+        return sample, timestep, branch
 
     @staticmethod
     def enumerate_layers(model) -> list[Layer]:

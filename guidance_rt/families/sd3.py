@@ -18,6 +18,29 @@ class SD3Adapter(DiTAdapter):
     pipelines = ("StableDiffusion3Pipeline",)
     default_layers = {"attention": "1", "tokens": "1", "skip": (7, 8, 9)}
     nag_alpha = 0.125
+    text_tokens = 77 + 256   # CLIP + T5
+    default_guidance = "cfg=4"
+
+    @staticmethod
+    def latent_multiple(config):
+        return config.get("patch_size", 1)
+
+    @staticmethod
+    def latent_limit(config):
+        grid = config.get("pos_embed_max_size")
+        return grid * config.get("patch_size", 1) if grid else None
+
+    @staticmethod
+    def pipeline_class(config):
+        return "StableDiffusion3Pipeline"
+
+    @staticmethod
+    def example_step(config, batch, height, width, text_len, t, randn):
+        sample = randn(batch, config["in_channels"], height, width)
+        timestep = torch.full((batch,), t * 1000.0, dtype=torch.float32, device=sample.device)
+        return sample, timestep, lambda: {
+            "encoder_hidden_states": randn(batch, text_len, config["joint_attention_dim"]),
+            "pooled_projections": randn(batch, config["pooled_projection_dim"])}
 
     @staticmethod
     def enumerate_layers(model) -> list[Layer]:

@@ -29,6 +29,43 @@ class UNetAdapter(Adapter):
     default_layers = {"attention": "mid", "tokens": "d6-d23", "skip": "mid"}
     self_attention = "attn1"
     nag_alpha = 0.5
+    text_tokens = 77   # CLIP
+
+    @staticmethod
+    def capture_site(layer, block):
+        which = "attn2" if getattr(block, "attn2", None) is not None else "attn1"   # cross-attention if any
+        return getattr(block, which).to_out[0], f"{layer.path}.{which}.to_out.0", False
+
+    @staticmethod
+    def scheduler():
+        import diffusers
+        return diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                steps_offset=1, timestep_spacing="leading")
+
+    @staticmethod
+    def model_input(scheduler, x, t, n):
+        return scheduler.scale_model_input(x, t), t.expand(n)
+
+    @staticmethod
+    def pipeline_class(config):
+        return ("StableDiffusionXLPipeline" if config.get("addition_embed_type") == "text_time"
+                else "StableDiffusionPipeline")
+
+    @staticmethod
+    def example_step(config, batch, height, width, text_len, t, randn):
+        sample = randn(batch, config["in_channels"], height, width)
+        timestep = torch.full((batch,), round(t * 999), dtype=torch.long, device=sample.device)
+        ctx = config["cross_attention_dim"]
+        ctx = ctx[0] if isinstance(ctx, (tuple, list)) else ctx
+        if config.get("addition_embed_type") != "text_time":
+            return sample, timestep, lambda: {"encoder_hidden_states": randn(batch, text_len, ctx)}
+        text_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        # SDXL's (original h, w, crop top, left, target h, w), in image pixels (the VAE's 8x)
+        ph, pw = height * 8, width * 8
+        time_ids = torch.tensor([ph, pw, 0, 0, ph, pw], dtype=sample.dtype, device=sample.device).repeat(batch, 1)
+        return sample, timestep, lambda: {
+            "encoder_hidden_states": randn(batch, text_len, ctx),
+            "added_cond_kwargs": {"text_embeds": randn(batch, text_dim), "time_ids": time_ids.clone()}}
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
