@@ -49,7 +49,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .families import FAMILIES, enumerate_layers, model_family, resolve_layers
+from .families import FAMILIES, PIPELINE_FAMILIES, enumerate_layers, model_family, resolve_layers
 from .guidance import Guidance
 from .layers import LayerNotFoundError
 from .methods import CFG, NAG, PAG, SEG, SLG, TPG, Term
@@ -113,8 +113,7 @@ def pop_arguments(pipe_name: str, kind: str, params, kwargs: dict) -> dict:
     None). A name with a guidance prefix that is neither one of them nor a parameter of the
     pipeline is an error."""
     valid = _arguments(kind)
-    stock = ("true_cfg_scale",) if kind == "FluxPipeline" else \
-        ("guidance_scale",) + (("guidance_rescale",) if "guidance_rescale" in params else ())
+    stock = (PIPELINE_FAMILIES[kind].cfg_argument,) + (("guidance_rescale",) if "guidance_rescale" in params else ())
     for name in kwargs:
         if name in valid or name in params or not name.startswith(PREFIXES):
             continue
@@ -199,7 +198,7 @@ def guidance_for_call(pipe_name: str, kind: str, model, params, kwargs: dict,
     """The Guidance (and NAG's negative prompt) that a call's arguments ask for. `kwargs` holds
     the stock arguments (read, not changed); `given` the guidance arguments popped from them."""
     terms = []
-    scale_arg = "true_cfg_scale" if kind == "FluxPipeline" else "guidance_scale"
+    scale_arg = PIPELINE_FAMILIES[kind].cfg_argument
     w = _number(scale_arg, kwargs.get(scale_arg, params[scale_arg].default), off=" (<= 1: no CFG)")
     rescale = kwargs.get("guidance_rescale") or 0.0
     if w > 1:

@@ -48,7 +48,7 @@ import torch
 
 from .denoiser import GuidedDenoiser, check_per_sample
 from .pipeline_arguments import guidance_for_call, instead, pop_arguments
-from .families import SUPPORTED_PIPELINES
+from .families import PIPELINE_FAMILIES, SUPPORTED_PIPELINES
 from .guidance import Guidance
 
 
@@ -207,7 +207,8 @@ def _split(value, batch: int, half: int):
 
 def check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], kwargs: dict):
     cfg = guidances[0].cfg            # every per-sample Guidance has CFG, or none has
-    scale_arg = "true_cfg_scale" if kind == "FluxPipeline" else "guidance_scale"
+    family = PIPELINE_FAMILIES[kind]
+    scale_arg = family.cfg_argument
     wanted = sorted({g.cfg.scale for g in guidances}) if cfg is not None else [1.0]
     if cfg is not None and wanted[0] <= 1.0:
         raise ValueError(f"guided(): CFG(scale={wanted[0]}) needs scale > 1 in a pipeline (drop the CFG "
@@ -222,9 +223,9 @@ def check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], 
     rescale = kwargs.get("guidance_rescale")   # rescale is shared by per-sample Guidances
     if rescale not in (None, 0, 0.0) and (cfg is None or rescale != cfg.rescale):
         raise ValueError(f"guidance_rescale={rescale} contradicts the Guidance; use grt.CFG(rescale=...)")
-    if kind == "FluxPipeline" and cfg is not None and kwargs.get("negative_prompt") is None \
+    if family.uncond_call and cfg is not None and kwargs.get("negative_prompt") is None \
             and kwargs.get("negative_prompt_embeds") is None:
-        raise ValueError("FluxPipeline with a CFG term needs negative_prompt (true CFG)")
+        raise ValueError(f"{pipe_name} with a CFG term needs negative_prompt (true CFG)")
 
 
 def forward_signature(model) -> inspect.Signature:
@@ -263,12 +264,13 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
     pipe_steps = call.pipe._num_timesteps
     sample, timestep, arguments, return_dict = forward_arguments(signature, args, kwargs)
 
-    if binding.kind == "FluxPipeline" and call.pending is not None:
+    uncond_call = PIPELINE_FAMILIES[binding.kind].uncond_call
+    if uncond_call and call.pending is not None:
         out, call.pending = call.pending, None     # the true-CFG uncond call of this step
         return denoiser_output(out, return_dict, den)
     step = call.calls
     call.calls += 1
-    if binding.kind == "FluxPipeline":
+    if uncond_call:
         cond, uncond = arguments, None
         if den.guidance.cfg is not None and len(call.encoded) >= 2:
             neg_embeds, neg_pooled, neg_ids = call.encoded[1]
@@ -294,36 +296,18 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
     negative = None
     if call.nag_text is not None:
         if call.negative is None:
-            call.negative = _encode_nag_negative(call.pipe, binding.original_class, binding.kind,
-                                                 call.nag_text)
+            call.negative = PIPELINE_FAMILIES[binding.kind].encode_negative(
+                call.pipe, binding.original_class, binding.kind, call.nag_text)
         negative = _rows(call.negative, sample.shape[0])
     eps = den(sample, t, cond=cond, uncond=uncond, negative=negative, step=step, num_steps=pipe_steps,
               generator=call.generator)
-    if binding.kind == "FluxPipeline":
+    if uncond_call:
         if uncond is not None:
             call.pending = eps
         return denoiser_output(eps, return_dict, den)
     if packed:
         eps = torch.cat([eps, eps])
     return denoiser_output(eps, return_dict, den)
-
-
-def _encode_nag_negative(pipe, original_class, kind: str, text: str) -> dict:
-    """The NAG negative prompt through the pipeline's own text encoders (one row)."""
-    device = pipe._execution_device
-    encode = lambda **kw: original_class.encode_prompt(pipe, **kw)
-    if kind == "FluxPipeline":
-        embeds, pooled, ids = encode(prompt=text, prompt_2=None, device=device, num_images_per_prompt=1)
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": ids}
-    if kind == "StableDiffusion3Pipeline":
-        embeds, _, pooled, _ = encode(prompt=text, prompt_2=None, prompt_3=None, device=device,
-                                      num_images_per_prompt=1, do_classifier_free_guidance=False)
-        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-    if kind == "StableDiffusionPipeline":
-        embeds, _ = encode(prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    else:
-        embeds = encode(prompt=text, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
-    return {"encoder_hidden_states": embeds}
 
 
 def _rows(d: dict, batch: int, unbatched=("txt_ids", "img_ids")) -> dict:
@@ -376,7 +360,7 @@ def _guided_class(original_class: type) -> type:
                 _CALL.reset(token)
 
     members = {"__call__": __call__}
-    if kind == "FluxPipeline":
+    if PIPELINE_FAMILIES[kind].uncond_call:   # its uncond text comes from a second encode_prompt call
         def encode_prompt(self, *args, **kwargs):
             result = original_class.encode_prompt(self, *args, **kwargs)
             call = _CALL.get()

@@ -14,10 +14,11 @@ from .unet import UNetAdapter
 FAMILIES: dict[str, type[Adapter]] = {cls.name: cls for cls in (UNetAdapter, SD3Adapter, FluxAdapter)}
 
 SUPPORTED_CLASSES = {c: family.name for family in FAMILIES.values() for c in family.classes}
-# pipeline class -> its attribute holding the denoiser
-SUPPORTED_PIPELINES = {p: family.denoiser_attribute for family in FAMILIES.values() for p in family.pipelines}
+# pipeline class -> the family of its denoiser, and the attribute holding it
+PIPELINE_FAMILIES = {p: family for family in FAMILIES.values() for p in family.pipelines}
+SUPPORTED_PIPELINES = {p: family.denoiser_attribute for p, family in PIPELINE_FAMILIES.items()}
 
-__all__ = ["FAMILIES", "SUPPORTED_CLASSES", "SUPPORTED_PIPELINES", "Adapter", "family_of", "model_family", "adapter_for", "enumerate_layers",
+__all__ = ["FAMILIES", "SUPPORTED_CLASSES", "SUPPORTED_PIPELINES", "PIPELINE_FAMILIES", "Adapter", "family_of", "model_family", "adapter_for", "enumerate_layers",
            "resolve_layers", "UnsupportedModelError"]
 
 

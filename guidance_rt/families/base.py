@@ -37,6 +37,10 @@ class Adapter:
     nag_alpha: ClassVar[float] = 0.5               # NAG's alpha when the term leaves it None
     text_tokens: ClassVar[int] = 77                # text tokens its stock pipeline feeds by default
     default_guidance: ClassVar[str] = "cfg=5"      # `guidance-rt generate`'s default spec
+    # its pipelines: the CFG scale argument, and whether CFG's uncond prediction is a second
+    # denoiser call per step (FLUX's true CFG) instead of the uncond half of a doubled batch
+    cfg_argument: ClassVar[str] = "guidance_scale"
+    uncond_call: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -74,6 +78,12 @@ class Adapter:
     @staticmethod
     def pipeline_class(config: dict) -> str:
         """The stock diffusers pipeline built around a model of this config."""
+        raise NotImplementedError
+
+    @staticmethod
+    def encode_negative(pipe, original_class: type, kind: str, text: str) -> dict:
+        """NAG's negative prompt through the pipeline's own text encoders (one row): the
+        forward arguments it conditions (pipeline class `kind`, its stock class `original_class`)."""
         raise NotImplementedError
 
     @staticmethod

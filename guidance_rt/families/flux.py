@@ -54,6 +54,8 @@ class FluxAdapter(DiTAdapter):
     unbatched = ("txt_ids", "img_ids")
     nag_alpha = 0.25
     text_tokens = 512   # T5
+    cfg_argument = "true_cfg_scale"
+    uncond_call = True
     default_guidance = ""   # FLUX.1-dev is guidance-distilled: no CFG by default
 
     @staticmethod
@@ -73,6 +75,12 @@ class FluxAdapter(DiTAdapter):
     @staticmethod
     def pipeline_class(config):
         return "FluxPipeline"
+
+    @staticmethod
+    def encode_negative(pipe, original_class, kind, text):
+        embeds, pooled, ids = original_class.encode_prompt(pipe, prompt=text, prompt_2=None,
+                                                           device=pipe._execution_device, num_images_per_prompt=1)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": ids}
 
     @staticmethod
     def example_step(config, batch, height, width, text_len, t, randn):

@@ -35,6 +35,13 @@ class SD3Adapter(DiTAdapter):
         return "StableDiffusion3Pipeline"
 
     @staticmethod
+    def encode_negative(pipe, original_class, kind, text):
+        embeds, _, pooled, _ = original_class.encode_prompt(
+            pipe, prompt=text, prompt_2=None, prompt_3=None, device=pipe._execution_device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    @staticmethod
     def example_step(config, batch, height, width, text_len, t, randn):
         sample = randn(batch, config["in_channels"], height, width)
         timestep = torch.full((batch,), t * 1000.0, dtype=torch.float32, device=sample.device)

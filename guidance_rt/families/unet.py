@@ -52,6 +52,13 @@ class UNetAdapter(Adapter):
                 else "StableDiffusionPipeline")
 
     @staticmethod
+    def encode_negative(pipe, original_class, kind, text):
+        out = original_class.encode_prompt(pipe, prompt=text, device=pipe._execution_device, num_images_per_prompt=1,
+                                           do_classifier_free_guidance=False)
+        # SD returns (embeds, negative embeds); SDXL also the pooled ones, which NAG does not read
+        return {"encoder_hidden_states": out[0]}
+
+    @staticmethod
     def example_step(config, batch, height, width, text_len, t, randn):
         sample = randn(batch, config["in_channels"], height, width)
         timestep = torch.full((batch,), round(t * 999), dtype=torch.long, device=sample.device)
