@@ -1,6 +1,9 @@
 """The bench's standard configurations and implementation names: plain data, torch-free, so that
-`guidance-rt bench --help` lists them without importing torch (bench.py runs them)."""
+`guidance-rt bench --help` lists them without importing torch (guidance_rt.bench runs them)."""
 from __future__ import annotations
+
+# family -> the tiny preset bench runs its standard configurations on (in this order)
+FAMILY_PRESET = {"unet": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
 
 # (family, name, spec); terms that do not exist in this build (NAG, CSLG) are left out
 STANDARD: list[tuple[str, str, str]] = [

@@ -8,12 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import spec as spec_mod
-from ..standard import STANDARD, standard_names
 from ..guidance import Guidance
 from ..methods import CFG
+from ..standard import FAMILY_PRESET, STANDARD, standard_names
 
 
-FAMILY_PRESET = {"unet": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
 
 
 @dataclass
@@ -96,7 +95,7 @@ def default_presets(guidance: list[str] | None) -> list[str]:
         fams = [fam for fam, names in standard_names().items()
                 if standard_configs(fam) and wanted & {n.lower() for n in names if n not in ("CFG", "plain")}]
         return [FAMILY_PRESET[f] for f in fams] or [FAMILY_PRESET["unet"]]
-    return [FAMILY_PRESET[f] for f in ("unet", "sd3", "flux") if standard_configs(f)]
+    return [preset for f, preset in FAMILY_PRESET.items() if standard_configs(f)]
 
 
 def probe_step(guidance: Guidance, steps: int) -> int:
