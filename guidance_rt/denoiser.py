@@ -184,7 +184,7 @@ class GuidedDenoiser:
         self.layers_of = {i: a.resolve(model, a.layers, t.layers, type(t).__name__, t.layer_role, t.keep_layer_order)
                           for i, t in enumerate(guidance.terms) if isinstance(t, PerturbationTerm)}
         for i, t in enumerate(guidance.terms):
-            t.check_model(self.layers_of.get(i, ()), self.family, f"{type(t).__name__} (term {i})",
+            t.check_model(self.layers_of.get(i, ()), type(self.adapter), f"{type(t).__name__} (term {i})",
                           type(model).__name__)
         self._plans: dict[tuple, StepPlan] = {}
         self._state: dict = {}    # the CFG-place term's memory across the steps of a run (APG)

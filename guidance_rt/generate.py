@@ -546,9 +546,9 @@ def _family(pipe) -> str:
     return model_family(_denoiser(pipe))
 
 
-def _default_guidance(family: str) -> str:
+def _family_class(family: str):
     from .families import FAMILIES
-    return FAMILIES[family].default_guidance
+    return FAMILIES[family]
 
 
 def default_size(pipe) -> tuple[int, int]:
@@ -617,7 +617,7 @@ def prepare(settings: Settings, info: ModelInfo, explicit_negative: bool) -> tup
     take them, the image size, NAG's negative prompt. Returns the settings with the canonical
     guidance and NAG's negative prompt, and the Guidance."""
     s = copy.deepcopy(settings)
-    g = spec_mod.parse_spec(s.guidance if s.guidance is not None else _default_guidance(info.family))
+    g = spec_mod.parse_spec(s.guidance if s.guidance is not None else _family_class(info.family).default_guidance)
     s.guidance, s.guidance_json = spec_mod.format_spec(g), spec_mod.to_dict(g)
     _check_size(s, info)
     if s.grid is not None:
@@ -652,8 +652,8 @@ def finish(settings: Settings, pipe) -> Settings:
 def _call_kwargs(settings: Settings, family: str, first: Guidance) -> dict:
     """The pipeline call's arguments, generators apart."""
     negative = settings.negative_prompt
-    if family == "flux" and first.cfg is not None and negative is None:
-        negative = ""   # FLUX true CFG needs a negative prompt
+    if _family_class(family).uncond_call and first.cfg is not None and negative is None:
+        negative = ""   # true CFG (FLUX) needs a negative prompt
     kwargs: dict[str, Any] = dict(prompt=settings.prompt, num_inference_steps=settings.steps,
                                   height=settings.height, width=settings.width)
     if negative is not None:

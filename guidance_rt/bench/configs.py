@@ -34,8 +34,8 @@ def standard_configs(family: str) -> list[Config]:
         except spec_mod.SpecError:
             continue  # e.g. NAG / CSLG not in this build
         out.append(Config(name, g, text, True))
-    if family == "flux" and len(out) <= 1:
-        return []  # only the plain baseline: nothing guided to show
+    if len(out) <= 1 and not any(c.guidance.terms for c in out):
+        return []  # only a plain baseline: nothing guided to show
     return out
 
 

@@ -23,6 +23,7 @@ from ..plan import BlockPlan, StepPlan
 
 class Adapter:
     name: ClassVar[str] = ""                       # the family's name: "unet", "sd3", "flux"
+    title: ClassVar[str] = ""                      # its name in messages: "SD1.5/SDXL", "FLUX"
     classes: ClassVar[tuple[str, ...]] = ()        # diffusers model classes it serves
     pipelines: ClassVar[tuple[str, ...]] = ()      # diffusers pipeline classes guided() wraps
     denoiser_attribute: ClassVar[str] = "transformer"   # the pipeline's attribute holding the model
@@ -41,6 +42,10 @@ class Adapter:
     # denoiser call per step (FLUX's true CFG) instead of the uncond half of a doubled batch
     cfg_argument: ClassVar[str] = "guidance_scale"
     uncond_call: ClassVar[bool] = False
+    # what methods may ask of it: its timestep is a sigma in 0..1 (not 0..1000); its forward
+    # collects S-CFG's semantic maps
+    sigma_timesteps: ClassVar[bool] = False
+    semantic_maps: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -47,6 +47,7 @@ class FluxAdapter(DiTAdapter):
     blocks as `s<i>` (`"s0-s37"`, part `single`)."""
 
     name = "flux"
+    title = "FLUX"
     classes = ("FluxTransformer2DModel",)
     pipelines = ("FluxPipeline",)
     parts = ("double", "single")
@@ -56,6 +57,7 @@ class FluxAdapter(DiTAdapter):
     text_tokens = 512   # T5
     cfg_argument = "true_cfg_scale"
     uncond_call = True
+    sigma_timesteps = True
     default_guidance = ""   # FLUX.1-dev is guidance-distilled: no CFG by default
 
     @staticmethod

@@ -14,6 +14,7 @@ class SD3Adapter(DiTAdapter):
     """SD3 / SD3.5: the joint blocks of `transformer_blocks`, by index (`7`, `"7"`, `"7-9"`)."""
 
     name = "sd3"
+    title = "SD3"
     classes = ("SD3Transformer2DModel",)
     pipelines = ("StableDiffusion3Pipeline",)
     default_layers = {"attention": "1", "tokens": "1", "skip": (7, 8, 9)}

@@ -21,6 +21,7 @@ UNSUPPORTED_KWARGS = ("class_labels", "attention_mask", "encoder_attention_mask"
 
 class UNetAdapter(Adapter):
     name = "unet"
+    title = "SD1.5/SDXL"
     classes = ("UNet2DConditionModel",)
     pipelines = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline")
     denoiser_attribute = "unet"
@@ -30,6 +31,7 @@ class UNetAdapter(Adapter):
     self_attention = "attn1"
     nag_alpha = 0.5
     text_tokens = 77   # CLIP
+    semantic_maps = True
 
     @staticmethod
     def capture_site(layer, block):

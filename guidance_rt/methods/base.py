@@ -86,10 +86,12 @@ class Term:
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
 
-    def check_model(self, layers: Sequence, family: str, where: str, model: str = "") -> None:
+    def check_model(self, layers: Sequence, family, where: str, model: str = "") -> None:
         """Raise if a field cannot apply to this model family and the resolved blocks
         (`layers.Layer`s, empty for terms without layers): a value the forward would silently
-        ignore or misread is an error here, when the denoiser is built. `where` names the term, `model` the model's class."""
+        ignore or misread is an error here, when the denoiser is built. `family`: the family's
+        Adapter class (its declared capabilities, families.base), `where` names the term,
+        `model` the model's class."""
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ class PAG(PerturbationTerm):
         return Effect(attention=AttnVariant(pag=self.beta, heads=self.heads))
 
     def check_model(self, layers, family, where, model=""):
-        if self.adaptive_scale and family == "flux":
-            raise ValueError(f"{where}.adaptive_scale must be 0 on FLUX: its timestep is sigma in 0..1, so "
+        if self.adaptive_scale and family.sigma_timesteps:
+            raise ValueError(f"{where}.adaptive_scale must be 0 on {family.title}: its timestep is sigma in 0..1, so "
                              f"max(0, scale - a (1000 - t)) would only shift the scale; valid: 0")
         if self.heads is None:
             return

@@ -35,9 +35,9 @@ class SCFG(CFG):
         object.__setattr__(self, "max_product", check_number("SCFG", "max_product", self.max_product, 0.0))
 
     def check_model(self, layers, family, where, model=""):
-        if family != "unet":
+        if not family.semantic_maps:
             raise NotImplementedError(f"SCFG (semantic-aware CFG) is supported on UNet models (SD1.5, SDXL) "
-                                      f"only, not on {model or family}; use CFG")
+                                      f"only, not on {model or family.title}; use CFG")
 
     def step_extras(self, sample, batch: int) -> dict:
         from .scfg_maps import SemanticMaps
