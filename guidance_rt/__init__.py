@@ -5,14 +5,15 @@ The terms are plain Python; everything that needs torch or diffusers is imported
 """
 import importlib
 
+from . import methods as _methods
 from .guidance import Guidance
-from .methods import CFG, NAG, PAG, SCFG, SEG, SLG, TPG
+from .methods import *  # noqa: F401,F403  every registered method: grt.CFG, grt.PAG, ...
 
 # public name -> module that defines it (imported when first asked for)
 _LAZY = {"GuidedDenoiser": ".denoiser", "NonFiniteError": ".denoiser", "guided": ".pipelines",
          "PackedGuider": ".modular", "reference": ".reference"}
 
-__all__ = ["CFG", "NAG", "PAG", "SCFG", "SEG", "SLG", "TPG", "Guidance", *_LAZY]
+__all__ = [*_methods.TERM_TYPES, "Guidance", *_LAZY]
 
 
 def __getattr__(name):

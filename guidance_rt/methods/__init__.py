@@ -13,4 +13,4 @@ METHODS: tuple[type[Term], ...] = (CFG, SCFG, PAG, SEG, TPG, SLG, NAG)
 
 TERM_TYPES = {cls.__name__: cls for cls in METHODS}   # the JSON form's "type"
 
-__all__ = ["METHODS", "TERM_TYPES", "Term", "PerturbationTerm", *TERM_TYPES]
+__all__ = [*TERM_TYPES]   # what `guidance_rt` exports
