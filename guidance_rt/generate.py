@@ -853,8 +853,7 @@ def step_configuration(g: Guidance, steps: int) -> tuple:
     for i in range(steps):
         active = []
         for k, t in enumerate(g.terms):
-            off_scale = 1.0 if isinstance(t, (CFG, NAG)) else 0.0
-            if t.in_window(i, steps) and t.scale != off_scale:
+            if t.in_window(i, steps) and t.scale != t.off_scale:
                 active.append(structure[k])
         out.append(tuple(active))
     return tuple(out)

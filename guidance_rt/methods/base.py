@@ -63,6 +63,8 @@ class Term:
     # fields that may differ between the samples of one packed batch (they only weight a branch
     # in the formula); a term acting inside attention (NAG) sets this to ()
     per_sample_fields: ClassVar[tuple[str, ...]] = ("scale", "start", "stop")
+    # the scale at which the term does nothing (CFG's and NAG's 1: their formulas reduce to c)
+    off_scale: ClassVar[float] = 0.0
 
     def __post_init__(self):
         name = type(self).__name__

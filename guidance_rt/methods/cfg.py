@@ -19,6 +19,7 @@ class CFG(Term):
     # guide() is u + w (c - u), which the combine op fuses with the perturbation terms; a
     # subclass with another formula sets this False and the formula runs as written
     linear: ClassVar[bool] = True
+    off_scale = 1.0
 
     def __post_init__(self):
         super().__post_init__()

@@ -23,6 +23,7 @@ class NAG(Term):
     alpha: float | None = None
     norm: int = 1
 
+    off_scale = 1.0
     per_sample_fields = ()   # phi acts inside attention: one value for the whole batch
 
     def __post_init__(self):
