@@ -3,7 +3,8 @@
 Each op is a `torch.library.triton_op` whose body picks one of two implementations:
 
 - the Triton kernels, on CUDA tensors (and on CPU tensors inside `triton_on_cpu()`, where the
-  kernels run in Triton's interpreter; that is how the CPU-only tests exercise the GPU code);
+  kernels run in Triton's interpreter; that is how the CPU-only tests exercise the GPU code),
+  once they passed their self-check on that device (selfcheck.py);
 - a plain PyTorch composition, registered as its own opaque op `guidance_rt::<name>_torch`,
   everywhere else (CPU, or any device when Triton is not installed).
 
@@ -38,9 +39,13 @@ INTERPRET = HAS_TRITON and (triton.knobs.runtime.interpret or (
     not torch.cuda.is_available() and os.environ.get("GUIDANCE_RT_TRITON_JIT", "0") != "1"))
 
 
+DEFINED_OPS: list[str] = []     # every define_op name without "guidance_rt::" (each needs a check case)
+
+
 def define_op(name: str, *, mutates_args=()):
     """`torch.library.triton_op` (torch.compile sees the kernels it launches); without Triton, a
     plain custom op with the same schema, whose body then always calls the PyTorch op."""
+    DEFINED_OPS.append(name.split("::")[-1])
 
     def decorate(fn):
         if HAS_TRITON:
@@ -90,17 +95,25 @@ def _cpu_flag() -> bool:
     return flag
 
 
-def use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor, op: str | None = None) -> bool:
     """Whether the op body launches Triton kernels for tensor `t`.
 
     CUDA tensors (real or fake, so torch.compile traces the kernels): yes. CPU tensors: only
     plain eager tensors inside `triton_on_cpu()`; fake and functional CPU tensors (opcheck,
-    torch.compile) take the PyTorch op, as the interpreter cannot run on them."""
+    torch.compile) take the PyTorch op, as the interpreter cannot run on them. With `op` (an op
+    body's question), also only if op's kernels passed their self-check on t's device
+    (kernels/selfcheck.py)."""
     if not HAS_TRITON:
         return False
-    if t.device.type == "cuda":
-        return True
-    return t.device.type == "cpu" and type(t) is torch.Tensor and _cpu_flag()
+    if t.device.type == "cuda" or (t.device.type == "cpu" and type(t) is torch.Tensor and _cpu_flag()):
+        return op is None or selfcheck.kernel_ok(op, t)
+    return False
+
+
+def flat_block(device: torch.device) -> int:
+    """Elements per program of the kernels over flat rows (combine, rows): small in the
+    interpreter, so tiny test shapes span several programs."""
+    return 1024 if device.type == "cuda" else 64
 
 
 def next_pow2(n: int) -> int:
@@ -166,3 +179,7 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     if getattr(_poison, "on", False) and type(t) is torch.Tensor:
         t.fill_(float("nan") if t.is_floating_point() else -(2 ** 30))
     return t
+
+
+# selfcheck imports the names above; the package imports this module before any other
+from . import selfcheck  # noqa: E402

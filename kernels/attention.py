@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ._common import (HAS_TRITON, define_op, interp_bf16, jit, next_pow2, poison_, tl, triton,
                       use_triton)
 from ._flash import LOG2E, attention_tiles
+from .selfcheck import case, head_dim, heads
 
 if HAS_TRITON:
     from ._common import fmax, fsum, to_out
@@ -229,6 +230,10 @@ if HAS_TRITON:
 KEYS_PER_SPLIT = 256   # MEAN rows: keys per flash-decoding split (16 splits at 4096 tokens)
 
 
+def _keys_per_split(block_n: int, device: torch.device) -> int:
+    return KEYS_PER_SPLIT if device.type == "cuda" else 2 * block_n
+
+
 def _empty_out(q: torch.Tensor, d: int) -> torch.Tensor:
     rows, heads, n = q.shape[:3]
     return q.new_empty(rows, n, heads, d).transpose(1, 2)
@@ -242,10 +247,7 @@ def _triton_impl(q, k, v, mode, beta, head_mask, img_lo: int, img_hi: int) -> to
         return out
     d_pad = max(16, next_pow2(d))
     block_m, block_n, warps, stages = attention_tiles(d, q.dtype, q.device)
-    if q.device.type != "cuda":
-        keys_per_split = 2 * block_n
-    else:
-        keys_per_split = KEYS_PER_SPLIT
+    keys_per_split = _keys_per_split(block_n, q.device)
     has_mean_rows = img_lo < img_hi          # without image tokens MEAN is plain NORMAL
     n_splits = triton.cdiv(nk, keys_per_split) if has_mean_rows else 1
     # MEAN rows' flash-decoding partials: running max, sum, unnormalised output per split
@@ -344,9 +346,26 @@ def _(q, k, v, mode, beta, head_mask, img_lo, img_hi):
 def variant_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: torch.Tensor,
                          beta: torch.Tensor, head_mask: torch.Tensor, img_lo: int,
                          img_hi: int) -> torch.Tensor:
-    if use_triton(q):
+    if use_triton(q, "variant_attention"):
         return _triton_impl(q, k, v, mode, beta, head_mask, img_lo, img_hi)
     return variant_attention_torch(q, k, v, mode, beta, head_mask, img_lo, img_hi)
+
+
+@case("variant_attention")
+def _check_inputs(dtype, device):
+    """Every mode in one batch, text tokens around the image (both PAG_MAP specialisations),
+    queries and keys over several tiles and MEAN rows over several key splits."""
+    d = head_dim(dtype)
+    block_m, block_n, _, _ = attention_tiles(d, dtype, device)
+    n = _keys_per_split(block_n, device) + block_m // 2 + 1
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (heads(g, 4, n, 2, d, dtype) for _ in range(3))
+    img_lo, img_hi = 2, n - 3
+    q[3, :, img_lo:img_hi] = q[3, :, img_lo:img_hi].mean(1, keepdim=True)   # MEAN's precondition
+    mode = torch.tensor([NORMAL, IDENTITY, SOFT, MEAN], dtype=torch.int32)
+    beta = torch.tensor([1.0, 1.0, 0.3, 1.0])
+    head_mask = torch.tensor([[True, True], [True, True], [True, False], [True, True]])
+    return [(q, k, v, mode, beta, head_mask, img_lo, img_hi)]
 
 
 def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: torch.Tensor,

@@ -29,6 +29,7 @@ import torch
 
 from ._common import (HAS_TRITON, define_op, interp_bf16, jit, next_pow2, poison_, tl, triton,
                       use_triton)
+from .selfcheck import case
 
 if HAS_TRITON:
     from ._common import fsum, to_out
@@ -214,9 +215,19 @@ def _(x, h, w, sigma, tok_lo):
 
 @define_op("guidance_rt::query_blur", mutates_args=())
 def query_blur_op(x: torch.Tensor, h: int, w: int, sigma: float, tok_lo: int) -> torch.Tensor:
-    if use_triton(x):
+    if use_triton(x, "query_blur"):
         return _triton_impl(x, h, w, sigma, tok_lo)
     return query_blur_torch(x, h, w, sigma, tok_lo)
+
+
+@case("query_blur")
+def _check_inputs(dtype, device):
+    """A finite blur (both passes, kernel clamped on the short axis) and the infinite one, on
+    a non-square grid between text tokens, over two or more token and channel tiles."""
+    h, w, tok_lo = 5, 7, 3
+    channels = _tiles(1 << 16, device)[1] + 3         # just over the widest channel tile
+    x = torch.randn(2, tok_lo + h * w + 2, channels, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return [(x, h, w, sigma, tok_lo) for sigma in (1.3, 2 * INFINITE_SIGMA)]
 
 
 def query_blur(x: torch.Tensor, h: int, w: int, sigma: float, tok_lo: int = 0) -> torch.Tensor:

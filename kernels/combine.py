@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (HAS_TRITON, define_op, interp_bf16, jit, next_pow2, poison_, tl, triton,
-                      use_triton)
+from ._common import (HAS_TRITON, define_op, flat_block, interp_bf16, jit, next_pow2, poison_, tl,
+                      triton, use_triton)
+from .selfcheck import case
 
 if HAS_TRITON:
     from ._common import fsum, to_out
@@ -157,7 +158,7 @@ def _triton_impl(out, weights, batch: int, has_uncond: bool, rescale: float, rat
         rate = rate.reshape(rate.shape[0], -1)
         rate = rate if rate.stride(-1) == 1 else rate.contiguous()
         s_rr = rate.stride(0) if rate.shape[0] != 1 else 0
-    block = 1024 if out.device.type == "cuda" else 64
+    block = flat_block(out.device)
     n_chunks = triton.cdiv(m, block)
     stats = poison_(out.new_empty((batch * n_chunks * 5,), dtype=torch.float32))
     args = (p, w, rate if rate is not None else w, y, stats, p.stride(0), s_rr, s_wk, s_wb, m, m, batch,
@@ -208,9 +209,22 @@ def _(out, weights, batch, has_uncond, rescale, rate):
 @define_op("guidance_rt::guidance_combine", mutates_args=())
 def guidance_combine_op(out: torch.Tensor, weights: torch.Tensor, batch: int, has_uncond: bool,
                         rescale: float, rate: torch.Tensor | None) -> torch.Tensor:
-    if use_triton(out):
+    if use_triton(out, "guidance_combine"):
         return _triton_impl(out, weights, batch, has_uncond, rescale, rate)
     return guidance_combine_torch(out, weights, batch, has_uncond, rescale, rate)
+
+
+@case("guidance_combine")
+def _check_inputs(dtype, device):
+    """CFG with an S-CFG rate map, one branch and rescale (both passes); per-sample scales
+    without uncond rows. Samples just over two chunks long."""
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 7, 2 * flat_block(device) // 21 + 1)
+    out = torch.randn(6, *shape, generator=g).to(dtype)
+    rate = (0.5 + torch.rand(2, 1, *shape[1:], generator=g)).to(dtype)
+    per_sample = torch.tensor([[0.0, 0.0, 0.0], [2.0, -1.0, 0.5]])      # [w (unused), s_1] x B
+    return [(out, torch.tensor([5.0, 2.0]), 2, True, 0.7, rate),
+            (out, per_sample, 3, False, 0.0, None)]
 
 
 def guidance_combine(out: torch.Tensor, weights: torch.Tensor, batch: int, has_uncond: bool,

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from ._common import (HAS_TRITON, define_op, interp_bf16, jit, next_pow2, poison_, tl, triton,
                       use_triton)
 from ._flash import LOG2E, attention_tiles
+from .selfcheck import case, head_dim, heads
 
 if HAS_TRITON:
     from ._common import fsum, to_out
@@ -230,9 +231,22 @@ def _(q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm):
 def nag_attention_op(q: torch.Tensor, k_pos: torch.Tensor, v_pos: torch.Tensor,
                      k_neg: torch.Tensor, v_neg: torch.Tensor, phi: float, tau: float,
                      alpha: float, norm: int) -> torch.Tensor:
-    if use_triton(q):
+    if use_triton(q, "nag_attention"):
         return _triton_impl(q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm)
     return nag_attention_torch(q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm)
+
+
+@case("nag_attention")
+def _check_inputs(dtype, device):
+    """Queries and both key sets over several tiles, of three different lengths."""
+    d = head_dim(dtype)
+    block_m, block_n, _, _ = attention_tiles(d, dtype, device)
+    n, n_pos, n_neg = block_m + block_m // 2 + 1, 2 * block_n + 3, block_n + 5
+    g = torch.Generator().manual_seed(0)
+    q = heads(g, 2, n, 3, d, dtype)
+    k_pos, v_pos = (heads(g, 2, n_pos, 3, d, dtype) for _ in range(2))
+    k_neg, v_neg = (heads(g, 2, n_neg, 3, d, dtype) for _ in range(2))
+    return [(q, k_pos, v_pos, k_neg, v_neg, 3.0, 2.5, 0.5, 1)]
 
 
 def nag_attention(q: torch.Tensor, k_pos: torch.Tensor, v_pos: torch.Tensor, k_neg: torch.Tensor,

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, define_op, jit, poison_, tl, triton, use_triton
+from ._common import HAS_TRITON, define_op, flat_block, jit, poison_, tl, triton, use_triton
+from .selfcheck import case
 
 if HAS_TRITON:
 
@@ -43,7 +44,7 @@ def _launch(x2, src2, y2, row_of):
     rows, m = y2.shape
     if y2.numel() == 0:
         return
-    block = 1024 if y2.device.type == "cuda" else 64
+    block = flat_block(y2.device)
     torch.library.wrap_triton(_copy_rows)[(rows, triton.cdiv(m, block))](
         x2, src2, y2, row_of, x2.stride(0), src2.stride(0), y2.stride(0), m,
         BLOCK=block, num_warps=4)
@@ -70,7 +71,7 @@ def _(x, index):
 
 @define_op("guidance_rt::gather_rows", mutates_args=())
 def gather_rows_op(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    if not use_triton(x):
+    if not use_triton(x, "gather_rows"):
         return gather_rows_torch(x, index)
     y = poison_(x.new_empty((index.shape[0],) + tuple(x.shape[1:])))
     x2 = _flat(x)
@@ -100,7 +101,7 @@ def _(x, index, src):
 
 @define_op("guidance_rt::scatter_rows", mutates_args=())
 def scatter_rows_op(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    if not use_triton(x):
+    if not use_triton(x, "scatter_rows"):
         return scatter_rows_torch(x, index, src)
     y = poison_(torch.empty_like(x, memory_format=torch.contiguous_format))
     x2, s2 = _flat(x), _flat(src.to(x.dtype))
@@ -114,3 +115,20 @@ def scatter_rows(x: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> tor
         raise ValueError(f"scatter_rows: x {tuple(x.shape)}, index {tuple(index.shape)}, "
                          f"src {tuple(src.shape)}")
     return scatter_rows_op(x, index, src)
+
+
+def _check_x(dtype, device):
+    """Rows just over two blocks long."""
+    n = 2 * flat_block(device) // 3 + 1
+    return torch.randn(6, 3, n, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+@case("gather_rows")
+def _check_gather(dtype, device):
+    return [(_check_x(dtype, device), torch.tensor([4, 0, 5]))]
+
+
+@case("scatter_rows")
+def _check_scatter(dtype, device):
+    x = _check_x(dtype, device)
+    return [(x, torch.tensor([5, 1, 2]), x[:3].flip(0) * 2)]

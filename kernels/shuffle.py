@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._common import HAS_TRITON, define_op, jit, next_pow2, poison_, tl, triton, use_triton
+from .selfcheck import case
 
 if HAS_TRITON:
 
@@ -76,9 +77,19 @@ def _(x, perms, table, tok_lo):
 @define_op("guidance_rt::token_shuffle", mutates_args=())
 def token_shuffle_op(x: torch.Tensor, perms: torch.Tensor, table: torch.Tensor,
                      tok_lo: int) -> torch.Tensor:
-    if use_triton(x):
+    if use_triton(x, "token_shuffle"):
         return _triton_impl(x, perms, table, tok_lo)
     return token_shuffle_torch(x, perms, table, tok_lo)
+
+
+@case("token_shuffle")
+def _check_inputs(dtype, device):
+    """Shuffled and copied rows, image tokens between text tokens, over several token tiles."""
+    g = torch.Generator().manual_seed(0)
+    n, tok_lo = 45, 4
+    x = torch.randn(3, n, 37, generator=g).to(dtype)
+    perms = torch.stack([torch.randperm(n - tok_lo - 3, generator=g) for _ in range(2)])
+    return [(x, perms, torch.tensor([-1, 1, 0]), tok_lo)]
 
 
 def token_shuffle(x: torch.Tensor, perms: torch.Tensor, table: torch.Tensor,

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -8,7 +10,10 @@ torch.set_num_threads(1)
 
 
 def pytest_configure(config):
-    """Interpreted Triton kernels raise on any load or store outside their tensor arguments."""
+    """Interpreted Triton kernels raise on any load or store outside their tensor arguments.
+    Kernel self-checks are off (tests/test_kernels_selfcheck.py turns them on): the kernel tests
+    test the kernels, which a failed self-check would quietly replace with PyTorch."""
+    os.environ.setdefault("GUIDANCE_RT_KERNEL_SELFCHECK", "0")
     try:
         import triton.runtime.interpreter  # noqa: F401
     except ImportError:
