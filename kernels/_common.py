@@ -88,24 +88,30 @@ def triton_on_cpu(enabled: bool = True):
         _state.cpu = previous
 
 
+# read once: the ops ask on every call. GUIDANCE_RT_KERNELS=0 keeps CUDA tensors on the PyTorch
+# implementations; GUIDANCE_RT_TRITON_CPU=1 is triton_on_cpu() for the whole process.
+_CUDA_KERNELS = os.environ.get("GUIDANCE_RT_KERNELS", "1") != "0"
+_CPU_DEFAULT = INTERPRET and os.environ.get("GUIDANCE_RT_TRITON_CPU", "0") == "1"
+
+
 def _cpu_flag() -> bool:
     flag = getattr(_state, "cpu", None)
-    if flag is None:
-        return INTERPRET and os.environ.get("GUIDANCE_RT_TRITON_CPU", "0") == "1"
-    return flag
+    return _CPU_DEFAULT if flag is None else flag
 
 
 def use_triton(t: torch.Tensor, op: str | None = None) -> bool:
     """Whether the op body launches Triton kernels for tensor `t`.
 
-    CUDA tensors (real or fake, so torch.compile traces the kernels): yes. CPU tensors: only
+    CUDA tensors (real or fake, so torch.compile traces the kernels): yes, unless
+    GUIDANCE_RT_KERNELS=0. CPU tensors: only
     plain eager tensors inside `triton_on_cpu()`; fake and functional CPU tensors (opcheck,
     torch.compile) take the PyTorch op, as the interpreter cannot run on them. With `op` (an op
     body's question), also only if op's kernels passed their self-check on t's device
     (kernels/selfcheck.py)."""
     if not HAS_TRITON:
         return False
-    if t.device.type == "cuda" or (t.device.type == "cpu" and type(t) is torch.Tensor and _cpu_flag()):
+    if (t.device.type == "cuda" and _CUDA_KERNELS) or (t.device.type == "cpu" and type(t) is torch.Tensor
+                                                         and _cpu_flag()):
         return op is None or selfcheck.kernel_ok(op, t)
     return False
 

@@ -276,12 +276,23 @@ def _(zp, zn, phi, tau, alpha, norm):
 @define_op("guidance_rt::nag_combine", mutates_args=())
 def nag_combine_op(zp: torch.Tensor, zn: torch.Tensor, phi: float, tau: float, alpha: float,
                    norm: int) -> torch.Tensor:
-    if not use_triton(zp):
+    if not use_triton(zp, "nag_combine"):
         return nag_combine_torch(zp, zn, phi, tau, alpha, norm)
     out = poison_(zp.new_empty(zp.shape))
     if out.numel():
         _launch_combine(zp, zn, out, phi, tau, alpha, norm)
     return out
+
+
+@case("nag_combine")
+def _check_combine_inputs(dtype, device):
+    """Token rows over more than one block, channels of several heads (not a power of two in
+    fp32), a strided Zn as the joint attention's image slice gives it."""
+    d = head_dim(dtype)
+    g = torch.Generator().manual_seed(1)
+    zp = torch.randn(2, 37, 3 * d, generator=g).to(dtype)
+    zn = torch.randn(2, 45, 3 * d, generator=g).to(dtype)[:, 8:]
+    return [(zp, zn, 3.0, 2.5, 0.5, 1), (zp, zn, 3.0, 1.5, 0.25, 2)]
 
 
 def nag_combine(zp: torch.Tensor, zn: torch.Tensor, phi: float, tau: float = 2.5,
