@@ -6,13 +6,13 @@ The terms are plain Python; everything that needs torch or diffusers is imported
 import importlib
 
 from .guidance import Guidance
-from .methods import CFG, NAG, PAG, SCFG, SEG, SLG, TPG
+from .methods import APG, CFG, NAG, PAG, SCFG, SEG, SLG, TPG, CFGZeroStar
 
 # public name -> module that defines it (imported when first asked for)
 _LAZY = {"GuidedDenoiser": ".denoiser", "NonFiniteError": ".denoiser", "guided": ".pipelines",
          "PackedGuider": ".modular", "reference": ".reference"}
 
-__all__ = ["CFG", "NAG", "PAG", "SCFG", "SEG", "SLG", "TPG", "Guidance", *_LAZY]
+__all__ = ["APG", "CFG", "CFGZeroStar", "NAG", "PAG", "SCFG", "SEG", "SLG", "TPG", "Guidance", *_LAZY]
 
 
 def __getattr__(name):
