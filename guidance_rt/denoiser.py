@@ -168,6 +168,9 @@ class GuidedDenoiser:
     ``guidance`` may also be a list with one Guidance per sample of the batch, all with the same
     ``Guidance.structure()`` (they differ only in scales and step windows): one packed forward
     then serves them all, each sample combined with its own scales (comparison grids).
+
+    ``state=``: one dict per run, passed to every step, holds the run's memory (APG's momentum),
+    so one denoiser serves overlapping runs; without it the denoiser keeps one, restarted at step 0.
     """
 
     def __init__(self, model: nn.Module, guidance: Guidance | Sequence[Guidance], *,
@@ -225,7 +228,7 @@ class GuidedDenoiser:
 
     def __call__(self, sample: torch.Tensor, timestep, *, cond: dict, uncond: dict | None = None,
                  negative: dict | None = None, step: int, num_steps: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, state: dict | None = None) -> torch.Tensor:
         if not isinstance(num_steps, int) or num_steps < 1 or not isinstance(step, int) or not 0 <= step < num_steps:
             raise ValueError(f"need 0 <= step < num_steps, got step={step!r}, num_steps={num_steps!r}")
         if not isinstance(cond, dict):
@@ -276,8 +279,12 @@ class GuidedDenoiser:
             raise ValueError(f"timestep must be a scalar or have one value per sample ({batch}), got shape {tuple(t.shape)}")
         perms = self._permutations(plan, generator, sample.device)
         cfg = g.cfg
-        if step == 0:
-            self._state = {}
+        if state is None:   # the run's memory (APG): the caller's (one dict per run), else ours
+            if step == 0:
+                self._state = {}
+            state = self._state
+        elif step == 0:
+            state.clear()
         extras = cfg.step_extras(sample, batch) if cfg is not None and has_uncond else {}
         self.last_rate = None
         with torch.no_grad():
@@ -288,7 +295,7 @@ class GuidedDenoiser:
                     self.last_rate = cfg.weight_map(extras, u, c, w)
                     return self.last_rate
             ordered = self._ordered(plan, active)
-            eps = combine(out, plan, cfg, w, tuple(s for _, _, s in ordered), step=step, state=self._state,
+            eps = combine(out, plan, cfg, w, tuple(s for _, _, s in ordered), step=step, state=state,
                           rate=rate)
             if finite is not None:
                 finite.verify(out, eps, plan, w, ordered, step)

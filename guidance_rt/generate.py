@@ -839,8 +839,10 @@ def cell_guidance(base: Guidance, assignment: list[tuple[Axis, Any]]) -> Guidanc
             terms.append(term)
         else:
             terms[idx] = term
-    # CFG with scale <= 1 is CFG off: no uncond branch (guided() wants scale > 1 or no CFG term)
-    terms = [t for t in terms if not (type(t) is CFG and t.scale <= 1.0)]
+    # CFG (or a term in its place) with scale <= 1 is CFG off: no uncond branch (guided() wants
+    # scale > 1 or no CFG term, the pipelines' guidance_scale convention; a CFG-Zero* cell
+    # loses its zero-init steps with it)
+    terms = [t for t in terms if not (isinstance(t, CFG) and t.scale <= 1.0)]
     return Guidance(*terms)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from .methods import CFG, NAG, TERM_TYPES, PerturbationTerm, Term
+from .methods import CFG, METHODS, NAG, TERM_TYPES, PerturbationTerm, Term
 
 
 class Guidance:
@@ -17,7 +17,9 @@ class Guidance:
                 raise TypeError(f"Guidance takes terms such as grt.CFG(...), got {type(t).__name__}")
         cfgs = [t for t in terms if isinstance(t, CFG)]
         if len(cfgs) > 1:
-            raise ValueError("Guidance takes at most one CFG term (SCFG takes CFG's place)")
+            place = ", ".join(c.__name__ for c in METHODS if issubclass(c, CFG))
+            raise ValueError(f"Guidance takes at most one CFG term or term in CFG's place ({place}); "
+                             f"got {', '.join(type(t).__name__ for t in cfgs)}")
         nags = [t for t in terms if isinstance(t, NAG)]
         if len(nags) > 1:
             raise ValueError("Guidance takes at most one NAG term")

@@ -95,6 +95,7 @@ class _Call:
         self.binding, self.pipe = binding, pipe
         self.den, self.nag_text = den, nag_text
         self.calls = 0
+        self.state: dict = {}            # the run's memory across steps (APG), per call
         self.generator = generator[0] if isinstance(generator, (list, tuple)) else generator
         self.encoded: list = []          # FLUX: encode_prompt results (positive, then negative)
         self.pending = None              # FLUX true CFG: eps returned again for the uncond call
@@ -211,7 +212,7 @@ def check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], 
     scale_arg = family.cfg_argument
     wanted = sorted({g.cfg.scale for g in guidances}) if cfg is not None else [1.0]
     if cfg is not None and wanted[0] <= 1.0:
-        raise ValueError(f"guided(): CFG(scale={wanted[0]}) needs scale > 1 in a pipeline (drop the CFG "
+        raise ValueError(f"guided(): {type(cfg).__name__}(scale={wanted[0]}) needs scale > 1 in a pipeline (drop the CFG "
                          "term to run without an unconditional branch)")
     given = kwargs.get(scale_arg)
     if given is not None and not (wanted == [given] or (cfg is None and given <= 1.0)):
@@ -300,7 +301,7 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
                 call.pipe, binding.original_class, binding.kind, call.nag_text)
         negative = _rows(call.negative, sample.shape[0])
     eps = den(sample, t, cond=cond, uncond=uncond, negative=negative, step=step, num_steps=pipe_steps,
-              generator=call.generator)
+              generator=call.generator, state=call.state)
     if uncond_call:
         if uncond is not None:
             call.pending = eps

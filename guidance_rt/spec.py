@@ -19,9 +19,10 @@ Grammar (no whitespace inside a term)::
     WORD    := any other text without whitespace, ",", ":" or "=" (layer names: mid, d6-d23,
                s3, 7-9, mid_block.attentions.0; skip kinds: attn)
 
-- NAME is a term type in lower case (cfg, pag, seg, tpg, slg, and every other type registered in
-  ``terms.TERM_TYPES``, such as nag or scfg): the grammar is driven by the terms' dataclass fields,
-  so new term types work without edits here.
+- NAME is a term's spec name, ``Term.name()`` (cfg, pag, seg, tpg, slg, and every other type
+  registered in ``methods.METHODS``, such as nag, scfg, apg or cfgzero for CFGZeroStar); the
+  lower-case class name is read too. The grammar is driven by the terms' dataclass fields, so new
+  term types work without edits here.
 - ``=NUMBER`` sets ``scale`` (omitted: the term's default scale); ``@LIST`` sets ``layers`` (only
   for terms that have a ``layers`` field); KEY is any dataclass field of the term (``scale``,
   ``start``, ``stop``, ``layers``, ``sigma``, ``beta``, ``heads``, ``adaptive_scale``, ``skip``,
@@ -87,8 +88,8 @@ class SpecError(ValueError):
 # ------------------------------------------------------------------------------------ terms
 
 def _term_types() -> dict[str, type]:
-    """lower-case name -> term class, read from terms.TERM_TYPES at call time."""
-    return {name.lower(): cls for name, cls in _terms.TERM_TYPES.items()}
+    """spec name (Term.name()) -> term class, read from methods.METHODS at call time."""
+    return {cls.name(): cls for cls in _terms.METHODS}
 
 
 def term_names() -> list[str]:
@@ -108,9 +109,10 @@ def _default(f: dataclasses.Field):
 
 
 def term_class(name: str, text: str | None = None, start: int = 0, end: int | None = None) -> type:
-    """The term class for a (case-insensitive) name; SpecError listing the valid names."""
+    """The term class for a (case-insensitive) spec name or class name (the JSON form's "type");
+    SpecError listing the valid names."""
     types = _term_types()
-    cls = types.get(name.lower())
+    cls = types.get(name.lower()) or {c.__name__.lower(): c for c in types.values()}.get(name.lower())
     if cls is None:
         raise SpecError(f"unknown guidance term {name!r}; valid terms: {', '.join(sorted(types))}",
                         text, start, end)
@@ -312,14 +314,12 @@ def parse_spec(text: str) -> Guidance:
     try:
         return Guidance(*terms)
     except (TypeError, ValueError) as e:
-        # "at most one CFG term": underline the second term of a type the message names
+        # "at most one CFG term (...)": underline the second term of the types the message names
         start, end = 0, len(text)
-        for name in sorted({type(t).__name__ for t in terms}, key=len, reverse=True):
-            same = [i for i, t in enumerate(terms) if type(t).__name__ == name]
-            if len(same) > 1 and re.search(rf"\b{name}\b", str(e)):
-                tok, start = tokens[same[1]]
-                end = start + len(tok)
-                break
+        named = [i for i, t in enumerate(terms) if re.search(rf"\b{type(t).__name__}\b", str(e))]
+        if len(named) > 1:
+            tok, start = tokens[named[1]]
+            end = start + len(tok)
         raise SpecError(str(e), text, start, end) from None
 
 
@@ -328,7 +328,7 @@ def parse_spec(text: str) -> Guidance:
 def format_term(term: Term) -> str:
     cls = type(term)
     fields = term_fields(cls)
-    out = f"{cls.__name__.lower()}={format_value(term.scale)}"
+    out = f"{cls.name()}={format_value(term.scale)}"
     if "layers" in fields and term.layers is not None:
         out += "@" + format_value(term.layers)
     start_f, stop_f = fields.get("start"), fields.get("stop")

@@ -35,6 +35,16 @@ def tiny_model():
     return get
 
 
+def guider_prediction(guider, step: int, num_steps: int, timestep, cond: torch.Tensor, uncond: torch.Tensor):
+    """A diffusers guider's prediction from the cond and uncond predictions of a step, fed as the
+    modular pipelines feed it (set_state, prepare_inputs, one noise_pred per batch)."""
+    guider.set_state(step=step, num_inference_steps=num_steps, timestep=timestep)
+    batches = guider.prepare_inputs({})
+    for batch, pred in zip(batches, (cond, uncond)):     # _input_predictions: cond, uncond
+        batch.noise_pred = pred
+    return guider(batches).pred
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

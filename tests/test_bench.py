@@ -6,6 +6,7 @@ import torch
 from guidance_rt import bench, presets, spec
 
 from .conftest import model_state
+from .tolerance import MODEL_ULPS, assert_close
 
 FAST = dict(repeats=2, warmup=0, steps=30)
 
@@ -148,6 +149,9 @@ def test_probe_step_and_baselines():
     assert bench.default_presets(None)[:2] == ["tiny-sdxl", "tiny-sd3"]
     assert bench.default_presets(["CFG+SLG[7,8,9]"]) == ["tiny-sd3"]
     assert bench.default_presets(["cfg=5 pag=3"]) == ["tiny-sdxl"]
+    # past CFG-Zero*'s zero steps (nothing runs there); APG's baseline is CFG at its scale
+    assert bench.probe_step(spec.parse_spec("cfgzero=4:zero_init_steps=3"), 30) == 3
+    assert bench.baseline_guidance(spec.parse_spec("apg=6:eta=0.5 pag=3")) == spec.parse_spec("cfg=6")
 
 
 @pytest.mark.parametrize("impl", ["diffusers-pipelines", "diffusers-guiders"])
@@ -166,3 +170,24 @@ def test_peers_leave_the_model_as_it_was(tiny_model, impl):
     assert model_state(model) == before
     ours = bench.prepare_packed(ctx, spec.parse_spec("cfg=5 pag=3@mid")).fn(inp)
     assert bench._rel(out, ours) < 1e-4
+
+
+@pytest.mark.parametrize("text", ["apg=6:eta=0.3:norm_threshold=4:momentum=-0.5",
+                                  "apg=6:norm_threshold=4:formulation=diffusers", "cfgzero=4"])
+def test_guiders_peer_offers_apg_and_cfg_zero_star_alone(tiny_model, text):
+    """diffusers' AdaptiveProjectedGuidance / ClassifierFreeZeroStarGuidance as the peer of the
+    same step; with a perturbation term too no diffusers guider or pipeline offers it."""
+    model = tiny_model("tiny-sd15")
+    target = bench.Target("tiny-sd15", "unet", model, "tiny-sd15")
+    inp = presets.example_inputs("tiny-sd15", height=8, width=6)
+    ctx = bench.Ctx(target, 30, 1, 0, torch.float32, torch.device("cpu"))
+    g = spec.parse_spec(text)
+    prepared = bench.PREPARE["diffusers-guiders"](ctx, g)
+    with prepared.active(), torch.no_grad():
+        theirs = prepared.fn(inp)
+    ours = bench.prepare_packed(ctx, g).fn(inp)
+    cfg = bench.prepare_packed(ctx, bench.baseline_guidance(g)).fn(inp)
+    assert_close(ours, theirs, ulps=MODEL_ULPS, effect=ours - cfg)
+    for impl, guidance in [("diffusers-guiders", text + " pag=3@mid"), ("diffusers-pipelines", text)]:
+        with pytest.raises(bench.Unsupported):
+            bench.PREPARE[impl](ctx, spec.parse_spec(guidance))

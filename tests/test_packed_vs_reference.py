@@ -7,6 +7,7 @@ import guidance_rt as grt
 from guidance_rt import presets
 
 from .conftest import rel
+from .tolerance import MODEL_ULPS, assert_close
 
 TOL = 1e-4       # fp32: packed vs one forward per branch (different op order and batch shapes)
 EFFECT = 1e-3    # a term must move the prediction far more than rounding
@@ -166,3 +167,35 @@ def test_cslg_forms_and_multi_skip(tiny_model, name, layers):
         grt.GuidedDenoiser(model, grt.Guidance(grt.SLG(layers=layers, weights=(1.0, 2.0))))
     with pytest.raises(ValueError, match="positive"):
         grt.SLG(layers=layers, weights=(1.0, -1.0))
+
+
+# terms in CFG's place with their own formula, each with a perturbation term (and NAG with APG on
+# FLUX): APG with momentum and an active clip, CFG-Zero* with a zero-init step
+CFG_PLACE = [grt.APG(6.0, eta=0.3, norm_threshold=4.0, momentum=-0.5), grt.CFGZeroStar(4.0, zero_init_steps=1)]
+WITH = {"tiny-sd15": [grt.PAG(3.0, layers="mid")], "tiny-sd3": [grt.SLG(2.8, layers=[7, 8, 9], start=0.0)],
+        "tiny-flux": [grt.PAG(2.0, layers="s4")]}
+
+
+@pytest.mark.parametrize("name", list(WITH))
+@pytest.mark.parametrize("term", CFG_PLACE, ids=lambda t: type(t).__name__)
+def test_cfg_place_terms_over_a_run(tiny_model, name, term):
+    """Two steps of one run (APG's momentum carried by the denoiser and by the reference's
+    state): packed equals the reference to whole-model rounding, far below the change from
+    plain CFG at the same scale."""
+    model = tiny_model(name)
+    others = WITH[name] + ([grt.NAG(4.0)] if name == "tiny-flux" and isinstance(term, grt.APG) else [])
+    guidance = grt.Guidance(term, *others)
+    den = grt.GuidedDenoiser(model, guidance)
+    plain = grt.GuidedDenoiser(model, grt.Guidance(grt.CFG(term.scale), *others))
+    state, steps = {}, 2
+    for step in range(steps):
+        inp = presets.example_inputs(name, batch=2, height=8, width=6, seed=step)
+        kw = dict(cond=inp["cond"], uncond=inp["uncond"], negative=inp["negative"], step=step, num_steps=steps)
+        packed = den(inp["sample"], inp["timestep"], **kw)
+        ref = grt.reference.step(model, guidance, inp["sample"], inp["timestep"], state=state, **kw)
+        if term.zero_prediction(step):
+            assert torch.equal(packed, torch.zeros_like(ref)) and torch.equal(ref, packed)
+            continue
+        cfg = plain(inp["sample"], inp["timestep"], **kw)
+        assert_close(packed, ref, ulps=MODEL_ULPS, effect=ref - cfg, what=f"step {step}")
+    assert "apg_average" in state if isinstance(term, grt.APG) else not state

@@ -1,6 +1,8 @@
 """Per-sample Guidances (comparison grids): one packed forward for a batch whose samples differ in
 scales and step windows equals the sequential reference run on every sample with its own
 Guidance; Guidances that differ in anything else are refused with the field named."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ import guidance_rt as grt
 from guidance_rt import presets
 
 from .conftest import model_state, rel
+from .tolerance import MODEL_ULPS, assert_close
 
 TOL = 1e-4
 
@@ -107,3 +110,26 @@ def test_per_sample_guidances_that_cannot_share_a_forward_are_errors(tiny_model)
         grt.GuidedDenoiser(model, [base] * 3)(inp["sample"], inp["timestep"], cond=inp["cond"],
                                                uncond=inp["uncond"], step=0, num_steps=1)
     assert model_state(model) == before
+
+
+@pytest.mark.parametrize("term", [grt.APG(momentum=-0.5, norm_threshold=4.0), grt.CFGZeroStar()],
+                         ids=lambda t: type(t).__name__)
+def test_per_sample_cfg_place_terms_over_a_run(tiny_model, term):
+    """APG / CFG-Zero* with per-sample scales and windows over a 2-step run: a sample whose term
+    is off in a step (w = 1) gets c, and APG's momentum of that sample starts at its own first
+    guided step, as in the reference run of that sample alone."""
+    model = tiny_model("tiny-sd15")
+    windows = [(6.0, 0.0, 1.0), (4.0, 0.5, 1.0), (8.0, 0.0, 0.5)]   # on-on, off-on, on-off
+    guidances = [grt.Guidance(dataclasses.replace(term, scale=w, start=a, stop=b), grt.PAG(s, layers="mid"))
+                 for (w, a, b), s in zip(windows, (3.0, 1.0, 0.0))]
+    den = grt.GuidedDenoiser(model, guidances)
+    states = [{} for _ in guidances]
+    for step in range(2):
+        inp = presets.example_inputs("tiny-sd15", batch=3, height=8, width=6, seed=step)
+        kw = dict(step=step, num_steps=2)
+        packed = den(inp["sample"], inp["timestep"], cond=inp["cond"], uncond=inp["uncond"], **kw)
+        for b, g in enumerate(guidances):
+            ref = grt.reference.step(model, g, inp["sample"][b:b + 1], inp["timestep"][b:b + 1],
+                                     cond=_sample(inp["cond"], b, 3), uncond=_sample(inp["uncond"], b, 3),
+                                     state=states[b], **kw)
+            assert_close(packed[b:b + 1], ref, ulps=MODEL_ULPS, what=f"step {step} sample {b}")

@@ -21,6 +21,11 @@ SPECS = [
     "slg@7:skip=attn:0-1",
     "slg=3@s3,12:skip=ff",
     "cfg=4 slg=2.8@7,8,9",
+    "apg=5:eta=0.5 pag=3@mid",
+    "apg=9:norm_threshold=0:momentum=-0.5:formulation=diffusers",
+    "apg=7:0.1-0.8:rescale=0.5 slg=2@7,8,9",
+    "cfgzero=4:zero_init_steps=2",
+    "cfgzero=5:0-0.5:rescale=0.7 pag=3@mid",
 ]
 
 
@@ -55,6 +60,7 @@ def test_every_field_of_every_term_is_reachable(name, cls):
     default = cls()
     assert spec.parse_spec(spec.format_spec(grt.Guidance(default))) == grt.Guidance(default)
     assert spec.parse_spec(name.lower()).terms[0] == default
+    assert spec.parse_spec(cls.name()).terms[0] == default       # the spec name (cfgzero)
     for f in dataclasses.fields(cls):
         value = getattr(default, f.name)
         changed = _another_value(cls, f.name, value)
@@ -74,7 +80,7 @@ def _another_value(cls, name, value):
     elif isinstance(value, (int, float)) and value is not None:
         candidates += [value + 1 if isinstance(value, int) else value * 0.5 + 0.25, 2, 0.5]
     elif isinstance(value, str):
-        candidates += ["paper", "attn", "ff", "code"]
+        candidates += ["paper", "attn", "ff", "code", "diffusers"]
     elif isinstance(value, tuple):
         candidates += [tuple(v * 0.5 + 0.5 for v in value)]
     elif value is None:

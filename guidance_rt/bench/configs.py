@@ -99,9 +99,12 @@ def default_presets(guidance: list[str] | None) -> list[str]:
 
 
 def probe_step(guidance: Guidance, steps: int) -> int:
-    """The first step of an N-step run (from step 1 on when possible) with the most active terms."""
+    """The first step of an N-step run (from step 1 on when possible) with the most active terms,
+    past any step whose prediction is zero without a forward (CFG-Zero*'s zero-init)."""
     def active(i):
         return sum(1 for t in guidance.terms if t.in_window(i, steps))
 
     order = list(range(1, steps)) + [0] if steps > 1 else [0]
+    cfg = guidance.cfg
+    order = [i for i in order if cfg is None or not cfg.zero_prediction(i)] or order
     return max(order, key=lambda i: (active(i), -order.index(i)))

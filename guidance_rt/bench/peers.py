@@ -2,8 +2,9 @@
 ``diffusers-pipelines`` makes the stock pipelines' denoiser calls (CFG at 2B, the PAG pipelines'
 packed 3B call with their PAG attention processors, the SD3 pipeline's SLG second call with
 ``skip_layers``); ``diffusers-guiders`` runs ``diffusers.guiders`` with one denoiser call per branch,
-as the modular pipelines do. A term or field a peer has no equivalent for raises Unsupported rather
-than being approximated, and each peer leaves the model as it found it, also after a crash.
+as the modular pipelines do (APG and CFG-Zero* through their guiders, alone: a guider applies
+one method). A term or field a peer has no equivalent for raises Unsupported rather than being
+approximated, and each peer leaves the model as it found it, also after a crash.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from ..families import resolve_layers
 from ..guidance import Guidance
-from ..methods import CFG, PAG, SEG, SLG
+from ..methods import APG, CFG, PAG, SEG, SLG, CFGZeroStar
 from .targets import Ctx, Prepared, Unsupported
 
 
@@ -32,9 +33,9 @@ def _cat(values: list, unbatched=("txt_ids", "img_ids"), name: str = ""):
     return first
 
 
-def _split_terms(g: Guidance):
+def _split_terms(g: Guidance, offered=(CFG,)):
     cfg = g.cfg
-    if cfg is not None and type(cfg) is not CFG:
+    if cfg is not None and type(cfg) not in offered:
         raise Unsupported(f"no peer offers {type(cfg).__name__}")
     others = [t for t in g.terms if t is not cfg]
     return cfg, others
@@ -52,9 +53,9 @@ def _only(term, allowed: set[str], who: str) -> None:
             raise Unsupported(f"{who} has no {type(term).__name__}.{f.name}")
 
 
-def _split_peer_terms(g: Guidance):
-    cfg, others = _split_terms(g)
-    if cfg is not None:
+def _split_peer_terms(g: Guidance, offered=(CFG,)):
+    cfg, others = _split_terms(g, offered)
+    if type(cfg) is CFG:
         _only(cfg, {"scale", "start", "stop", "rescale"}, "no peer")
     return cfg, others
 
@@ -206,15 +207,23 @@ def prepare_guiders(ctx: Ctx, g: Guidance) -> Prepared:
     from diffusers.hooks import HookRegistry, LayerSkipConfig
     from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceConfig
 
-    cfg, others = _split_peer_terms(g)
+    cfg, others = _split_peer_terms(g, (CFG, APG, CFGZeroStar))
     model = ctx.target.model
     w = cfg.scale if cfg is not None else 1.0
     common = dict(guidance_scale=w, guidance_rescale=cfg.rescale if cfg else 0.0,
                   start=cfg.start if cfg else 0.0, stop=cfg.stop if cfg else 1.0)
-    if len(others) > 1:
+    if len(others) + (type(cfg) in (APG, CFGZeroStar)) > 1:
         raise Unsupported("a diffusers guider applies one method")
     hook_names: list[str] = []
-    if not others:
+    if isinstance(cfg, APG):
+        paper = cfg.formulation == "paper"   # c + (w - 1) update: the original formulation at w - 1
+        guider = G.AdaptiveProjectedGuidance(
+            **{**common, "guidance_scale": w - 1 if paper else w}, use_original_formulation=paper,
+            adaptive_projected_guidance_momentum=cfg.momentum,
+            adaptive_projected_guidance_rescale=cfg.norm_threshold, eta=cfg.eta)
+    elif isinstance(cfg, CFGZeroStar):
+        guider = G.ClassifierFreeZeroStarGuidance(zero_init_steps=cfg.zero_init_steps, **common)
+    elif not others:
         guider = G.ClassifierFreeGuidance(**common)
     else:
         term = others[0]

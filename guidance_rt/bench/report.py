@@ -40,7 +40,8 @@ def format_table(rows: list[dict]) -> str:
             if r["noisy"]:
                 noise = f"NOISY: IQR {r['iqr_ms'] / r['median_ms']:.0%} of the median after re-timing"
                 note = f"{noise}; {note}" if note else noise
-            table.append((r["config"] if r["config"] != last else "", r["implementation"],
+            label = r["config"] if r["step"] == group[0]["step"] else f"{r['config']} (step {r['step']})"
+            table.append((label if r["config"] != last else "", r["implementation"],
                           _fmt(r["median_ms"], ".2f"), _fmt(r["iqr_ms"], ".2f"), _fmt(r["ratio"], ".2f"),
                           _fmt(r["floor"], ".2f"), _fmt(r["efficiency"], ".2f"),
                           _fmt(r["peak_memory_mib"], ".1f"), _fmt(r["images_per_s"], ".3g"),

@@ -1,6 +1,7 @@
 """The sequential reference: one plain forward of the stock model per branch, then the combiner of
 shared/methods.md section 1 in float64. NAG (section 5) adds no branch: it changes the attention
-of every positive forward (cond and the perturbed branches), see nag.py."""
+of every positive forward (cond and the perturbed branches), see nag.py. A term in CFG's place
+with its own formula (APG, CFG-Zero*: CFG_PLACE) replaces ``u + w (c - u)`` in the combiner."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +12,17 @@ import torch.nn as nn
 
 from ..families import model_family, resolve_layers
 from ..guidance import Guidance
-from ..methods import CFG, NAG, PAG, SCFG, SEG, SLG, TPG, Term
+from ..methods import APG, CFG, NAG, PAG, SCFG, SEG, SLG, TPG, CFGZeroStar, Term
+from .apg import apg_prediction
+from .cfg_zero_star import cfg_zero_star_prediction, zero_init
 from .nag import nag_forward, nag_setting
 from .perturb import perturbed
 from .scfg import scfg_recorded, scfg_step_rate, scfg_term   # S-CFG (methods.md 7)
 
-KNOWN_TERMS = (CFG, SCFG, PAG, SEG, TPG, SLG, NAG)
+# terms in CFG's place with their own formula: (term, u, c, w, state) -> the guided prediction
+CFG_PLACE = {APG: apg_prediction, CFGZeroStar: cfg_zero_star_prediction}
+
+KNOWN_TERMS = (CFG, SCFG, PAG, SEG, TPG, SLG, NAG, *CFG_PLACE)
 
 
 @dataclass
@@ -143,18 +149,22 @@ def _multi_skip(model, term: SLG, sample, cond, positive) -> torch.Tensor:
 
 
 def combine(branches: list[Branch], rescale: float = 0.0, dtype: torch.dtype | None = None,
-            rate: torch.Tensor | None = None):
+            rate: torch.Tensor | None = None, guide=None):
     """eps = u + w (c - u) + sum_k s_k (c - p_k)  (CFG on)  or  c + sum_k s_k (c - p_k), in
     float64; then guidance_rescale r (only with CFG): r * eps * std(c) / std(eps) + (1 - r) eps,
     std unbiased over every non-batch dim per sample. ``rate`` (S-CFG, (B, 1, H, W)): the CFG
-    part becomes u + w rate (c - u)."""
+    part becomes u + w rate (c - u). ``guide`` (APG, CFG-Zero*): a function (u, c, w) -> the
+    CFG part."""
     by_kind = {b.kind: b for b in branches if b.kind in ("uncond", "cond")}
     c = by_kind["cond"].prediction.double()
     dtype = dtype or by_kind["cond"].prediction.dtype
     if "uncond" in by_kind:
         u = by_kind["uncond"].prediction.double()
         w = by_kind["uncond"].scale
-        eps = u + (w * (c - u) if rate is None else w * rate.double() * (c - u))
+        if guide is not None:
+            eps = guide(u, c, w)
+        else:
+            eps = u + (w * (c - u) if rate is None else w * rate.double() * (c - u))
     else:
         eps = c.clone()
     for b in branches:
@@ -177,13 +187,27 @@ def combine(branches: list[Branch], rescale: float = 0.0, dtype: torch.dtype | N
 
 def step(model: nn.Module, guidance: Guidance, sample: torch.Tensor, timestep, *, cond: dict,
          uncond: dict | None = None, negative: dict | None = None, step: int, num_steps: int,
-         generator: torch.Generator | None = None) -> torch.Tensor:
+         generator: torch.Generator | None = None, state: dict | None = None) -> torch.Tensor:
     """The guided prediction of one sampling step, by one plain forward of the stock model per
     branch (uncond, cond, one per active perturbation term; NAG inside the positive ones, which
-    needs ``negative``). The model is left exactly as it was, also when a forward raises."""
+    needs ``negative``). The model is left exactly as it was, also when a forward raises.
+
+    ``state``: the run's memory across steps (APG's momentum average). Pass the same dict to
+    every step of one run, in order; step 0 empties it. None: a fresh one (no earlier steps)."""
+    cfg = guidance.cfg
+    if isinstance(cfg, CFGZeroStar) and zero_init(cfg, step):
+        plan_branches(guidance, timestep, step, num_steps)     # the same checks of the arguments
+        with torch.no_grad():   # zero, shaped as the model's prediction
+            return torch.zeros_like(_forward(model, sample, timestep, cond))
     branches = branch_predictions(model, guidance, sample, timestep, cond=cond, uncond=uncond,
                                   negative=negative, step=step, num_steps=num_steps,
                                   generator=generator)
-    rescale = guidance.cfg.rescale if guidance.cfg is not None else 0.0
+    if state is None:
+        state = {}
+    elif step == 0:
+        state.clear()
+    formula = CFG_PLACE.get(type(cfg))
+    guide = None if formula is None else (lambda u, c, w: formula(cfg, u, c, w, state))
+    rescale = cfg.rescale if cfg is not None else 0.0
     rate = scfg_step_rate(guidance, branches)     # S-CFG's rate map, None without it
-    return combine(branches, rescale, dtype=sample.dtype, rate=rate)
+    return combine(branches, rescale, dtype=sample.dtype, rate=rate, guide=guide)
