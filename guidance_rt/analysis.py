@@ -309,6 +309,7 @@ class _BareRunner:
         from .presets import example_inputs
 
         self.model = model
+        self.family = family_of(model)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.tmpl = example_inputs(model, batch=1, height=height, width=width, device=self.device,
@@ -318,7 +319,7 @@ class _BareRunner:
     def _scheduler(self):
         import diffusers as D
 
-        return family_of(self.model).scheduler()
+        return self.family.scheduler()
 
     def embed(self, prompts: Sequence[str]) -> dict:
         """The template conditioning with each prompt's pseudo embedding: its text states and
@@ -331,7 +332,7 @@ class _BareRunner:
         hs, ps = zip(*(pseudo_embedding(p, ehs.shape[1], ehs.shape[2],
                                         None if pooled is None else pooled.shape[-1]) for p in prompts))
         to = dict(device=self.device, dtype=self.dtype)
-        unbatched = family_of(self.model).unbatched
+        unbatched = self.family.unbatched
 
         def fill(d: dict) -> dict:
             out = {}
@@ -363,7 +364,7 @@ class _BareRunner:
         x = self.latents(seeds) * getattr(sched, "init_noise_sigma", 1.0)
         n = len(prompts)
         for t in sched.timesteps:
-            inp, ts = family_of(self.model).model_input(sched, x, t, n)
+            inp, ts = self.family.model_input(sched, x, t, n)
             pred = self.model(inp, timestep=ts, **kw, return_dict=False)[0]
             x = sched.step(pred, t, x, return_dict=False)[0]
 

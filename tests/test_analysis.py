@@ -100,7 +100,7 @@ def _reference_capture(model, prompt: str, seed: int, layer_names):
     sched.set_timesteps(1)
     t = sched.timesteps[0]
     x = runner.latents([seed]) * getattr(sched, "init_noise_sigma", 1.0)
-    family = runner.family
+    family = runner.family.name
     ts = t.expand(1) if family == "sd3" else (t / 1000).expand(1) if family == "flux" else t.expand(1)
     if family == "unet":
         x = sched.scale_model_input(x, t)
