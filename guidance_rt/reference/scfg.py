@@ -46,19 +46,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..families import enumerate_layers, model_family
+from ..families import enumerate_layers
 from ..guidance import Guidance
 from ..methods import SCFG
-from .attention import STOCK_PROCESSORS
-from .perturb import _hook
+from .families import Family, family_for
+from .hooks import hook
 
 SMOOTH_SIZE = 3
 SMOOTH_SIGMA = 0.5
 MEAN_EPS = 1e-8        # token-map normalisation and the masked means of |d|
-
-# processors whose q / k path the recorder mirrors: the stock ones, and the reference's NAG
-# cross-attention (same q / k for the positive text, so its positive map is recorded)
-_RECORDABLE = STOCK_PROCESSORS["unet"] + ("UNetCrossAttentionNAG",)
 
 
 # ------------------------------------------------------------------------------ the pieces
@@ -168,13 +164,15 @@ class SCFGUnsupportedModelError(ValueError, NotImplementedError):
     """S-CFG on a model that is not a UNet (a ValueError and a NotImplementedError)."""
 
 
-def require_unet(model: nn.Module) -> None:
-    """S-CFG is UNet-only: any other model raises SCFGUnsupportedModelError."""
-    family = model_family(model)
-    if family != "unet":
+def require_unet(model: nn.Module) -> Family:
+    """S-CFG is UNet-only (the families whose ``semantic_maps`` can be recorded): returns the
+    model's reference family; any other model raises SCFGUnsupportedModelError."""
+    family = family_for(model)
+    if not family.semantic_maps:
         raise SCFGUnsupportedModelError(
             f"S-CFG is UNet-only (UNet models: SD1.5 / SDXL): it needs the self- and cross-"
-            f"attention maps of a UNet; got a {family} model ({type(model).__name__})")
+            f"attention maps of a UNet; got a {family.name} model ({type(model).__name__})")
+    return family
 
 
 def scfg_term(guidance: Guidance, model: nn.Module | None = None) -> SCFG | None:
@@ -186,16 +184,14 @@ def scfg_term(guidance: Guidance, model: nn.Module | None = None) -> SCFG | None
     return term
 
 
-def _head_mean_probs(attn: nn.Module, hidden: torch.Tensor, context: torch.Tensor | None):
+def _head_mean_probs(family: Family, attn: nn.Module, hidden: torch.Tensor,
+                     context: torch.Tensor | None):
     """softmax(q k^T * scale) of the attention module's own inputs, averaged over heads, float64.
     q / k are made exactly as AttnProcessor2_0 makes them (to_q, norm_cross, to_k, head split,
     norm_q / norm_k), in the model's dtype; logits and softmax in float64."""
+    # the processors whose q / k path this mirrors: the stock ones and the family's own
+    family.check_processor(attn, "S-CFG", family.semantic_map_processors)
     name = type(attn.processor).__name__
-    if name not in _RECORDABLE:
-        raise ValueError(f"reference S-CFG: expects the stock attention processor "
-                         f"({' / '.join(STOCK_PROCESSORS['unet'])}), found {name}")
-    if getattr(attn, "fused_projections", False):
-        raise ValueError("reference S-CFG: fused qkv projections are not supported")
     if attn.spatial_norm is not None or attn.group_norm is not None or hidden.ndim != 3:
         raise ValueError("reference S-CFG: unsupported attention configuration")
     batch = hidden.shape[0]
@@ -228,7 +224,7 @@ def scfg_recorded(model: nn.Module, term: SCFG | None, sample: torch.Tensor):
     if term is None:
         yield None
         return
-    require_unet(model)
+    family = require_unet(model)
     latent = tuple(int(s) for s in sample.shape[-2:])
     levels = {level_grid(latent, r): r for r in (term.R, 2 * term.R)
               if level_grid(latent, r) is not None}
@@ -237,17 +233,17 @@ def scfg_recorded(model: nn.Module, term: SCFG | None, sample: torch.Tensor):
     pending: dict[str, torch.Tensor] = {}
 
     def capture_grid(path):
-        def hook(module, args, kwargs):
+        def capture(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.ndim != 4:
                 raise ValueError(f"reference S-CFG: {path} got a {hidden.ndim}-D input; expected "
                                  f"a (B, C, h, w) latent feature map")
             grids[path] = tuple(int(s) for s in hidden.shape[-2:])
             recording.grids_seen.add(grids[path])
-        return hook
+        return capture
 
     def record(block_path, transformer_path, which):
-        def hook(module, args, kwargs):
+        def record_maps(module, args, kwargs):
             grid = grids.get(transformer_path)
             if grid not in levels:
                 return None
@@ -266,16 +262,16 @@ def scfg_recorded(model: nn.Module, term: SCFG | None, sample: torch.Tensor):
                                          f"self-attention")
                     if block_path in pending:
                         raise ValueError(f"reference S-CFG: {block_path} ran twice in one forward")
-                    pending[block_path] = _head_mean_probs(module, hidden, None)
+                    pending[block_path] = _head_mean_probs(family, module, hidden, None)
                 else:
                     if context is None or block_path not in pending:
                         raise ValueError(f"reference S-CFG: {block_path}.attn2 is not a "
                                          f"cross-attention following its attn1")
                     recording.layers.append(LayerMaps(
                         block_path, levels[grid], grid, pending.pop(block_path),
-                        _head_mean_probs(module, hidden, context)))
+                        _head_mean_probs(family, module, hidden, context)))
             return None
-        return hook
+        return record_maps
 
     with contextlib.ExitStack() as stack:
         hooked_transformers = set()
@@ -283,15 +279,15 @@ def scfg_recorded(model: nn.Module, term: SCFG | None, sample: torch.Tensor):
             block = model.get_submodule(layer.path)
             if getattr(block, "attn2", None) is None:
                 raise ValueError(f"reference S-CFG: {layer.path} has no cross-attention")
-            transformer_path = layer.path.rsplit(".transformer_blocks.", 1)[0]
+            transformer_path = family.grid_path(layer)
             if transformer_path not in hooked_transformers:
                 hooked_transformers.add(transformer_path)
-                _hook(stack, model.get_submodule(transformer_path), capture_grid(transformer_path),
-                      pre=True, with_kwargs=True)
-            _hook(stack, block.attn1, record(layer.path, transformer_path, "attn1"),
-                  pre=True, with_kwargs=True)
-            _hook(stack, block.attn2, record(layer.path, transformer_path, "attn2"),
-                  pre=True, with_kwargs=True)
+                hook(stack, model.get_submodule(transformer_path), capture_grid(transformer_path),
+                     pre=True, with_kwargs=True)
+            hook(stack, block.attn1, record(layer.path, transformer_path, "attn1"),
+                 pre=True, with_kwargs=True)
+            hook(stack, block.attn2, record(layer.path, transformer_path, "attn2"),
+                 pre=True, with_kwargs=True)
         yield recording
     if pending:
         raise ValueError(f"reference S-CFG: no cross-attention map for {sorted(pending)}")
