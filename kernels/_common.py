@@ -83,11 +83,13 @@ def triton_on_cpu(enabled: bool = True):
         _state.cpu = previous
 
 
+# read once: op calls are the hot path, and the variable is meant for a whole process
+_ENV_CPU = INTERPRET and os.environ.get("GUIDANCE_RT_TRITON_CPU", "0") == "1"
+
+
 def _cpu_flag() -> bool:
     flag = getattr(_state, "cpu", None)
-    if flag is None:
-        return INTERPRET and os.environ.get("GUIDANCE_RT_TRITON_CPU", "0") == "1"
-    return flag
+    return _ENV_CPU if flag is None else flag
 
 
 def use_triton(t: torch.Tensor) -> bool:
