@@ -13,7 +13,9 @@ A branch forks by copying the cond rows' hidden state; every per-row input of th
 The plan asks each method which branches it adds and what it does where (methods.base); it
 knows no method by name. It is computed once per distinct configuration and device, and holds
 every per-layer decision as data: row segments with their attention variants, and the index
-tensors and masks the forward needs, already on the device. The forward only reads it.
+tensors, masks and tables the forward needs (the family adds its attention tables,
+Adapter.prepare), already on the device. The forward only reads it: no Python decision on tensor
+values and no tensor built from host data during a step, so torch.compile captures it whole.
 """
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ def _keep_mask(spans: tuple, rows: int, device) -> torch.Tensor | None:
 class BlockPlan:
     """What block `position` does: rows entering after forks, which rows run it, and the
     per-row variants inside it (segments are relative to the rows that run it). Its device
-    tables (keep masks, the shuffle table, the attention's row tables) are built with it."""
+    tables (keep masks, the shuffle table; the attention's row tables from Adapter.prepare) are
+    built with the plan, never during a step."""
 
     position: int
     rows: int                          # live rows after this block's forks
@@ -160,7 +163,7 @@ class StepPlan:
     sample_index: torch.Tensor         # (total_rows,) the user sample each row belongs to
     nag: bool = False                  # NAG active: positive rows (cond + branches) get it
     shuffled: dict = field(default_factory=dict)   # term_index -> positions it shuffles at
-    plain: dict = field(default_factory=dict)      # position -> BlockPlan of every other block
+    other_blocks: dict = field(default_factory=dict)   # position -> BlockPlan of every other block
     device: torch.device | None = None
 
     @property
@@ -179,7 +182,7 @@ class StepPlan:
 
     def block(self, position: int) -> BlockPlan:
         """The plan of any block, plain or not (built with the plan: a step constructs none)."""
-        return self.blocks.get(position) or self.plain[position]
+        return self.blocks.get(position) or self.other_blocks[position]
 
     def rows_before(self, position: int) -> int:
         """Live rows entering block `position` before its own forks."""
@@ -252,6 +255,6 @@ def build_plan(layers_of: dict[int, tuple[Layer, ...]], active: tuple[tuple[int,
                     row_source=torch.tensor(source, dtype=torch.long, device=device),
                     sample_index=(torch.arange(total) % batch).to(device), nag=nag, shuffled=shuffled,
                     device=torch.device(device) if device is not None else None)
-    plan.plain.update((p, BlockPlan(p, plan.rows_before(p), pos_start=pos_start))
+    plan.other_blocks.update((p, BlockPlan(p, plan.rows_before(p), pos_start=pos_start))
                       for p in range(n_blocks) if p not in blocks)
     return plan
