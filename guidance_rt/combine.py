@@ -35,7 +35,15 @@ def combine(out: torch.Tensor, plan: StepPlan, cfg, w, scales: tuple, *, step: i
     `scales` the perturbation branches' (plan.branches order), each a number or a list with one
     value per sample. `rate` (S-CFG): a function (u, c) -> per-pixel map multiplying w.
     Accumulates in fp32 at least."""
-    weights = kernels.combine_weights(w, scales, out.device)
+    return combine_weighted(out, plan, cfg, kernels.combine_weights(w, scales, out.device), w, step=step,
+                            state=state, rate=rate)
+
+
+def combine_weighted(out: torch.Tensor, plan: StepPlan, cfg, weights: torch.Tensor, w, *, step: int = 0,
+                     state: dict | None = None, rate=None) -> torch.Tensor:
+    """combine with the weights already on the device (kernels.combine_weights of w and the
+    scales), as a step prepares them; `w` is still read by a non-linear formula (a number; a
+    per-sample list is taken from `weights`) and by `rate`."""
     rescale_by = cfg.rescale if cfg is not None and plan.has_uncond else 0.0
     if cfg is None or cfg.linear or not plan.has_uncond:
         rate_map = None
@@ -45,7 +53,9 @@ def combine(out: torch.Tensor, plan: StepPlan, cfg, w, scales: tuple, *, step: i
     # a non-linear formula: written out here; the perturbation terms still go through the op
     acc = torch.promote_types(out.dtype, torch.float32)
     u, c = out[: plan.batch].to(acc), out[plan.cond_rows].to(acc)
-    guided = cfg.guide(u, c, per_sample(w, c), step=step, state={} if state is None else state)
+    if isinstance(w, (list, tuple)):   # one weight per sample: column b of weights[0]
+        w = weights[0].to(acc).reshape(-1, *[1] * (c.dim() - 1))
+    guided = cfg.guide(u, c, w, step=step, state={} if state is None else state)
     eps = ops.guidance_combine(out[plan.batch:], weights, plan.batch, False, 0.0, None).to(acc) + (guided - c)
     if rescale_by > 0:
         eps = rescale(eps, c, rescale_by)

@@ -1,17 +1,19 @@
 """GuidedDenoiser: one packed forward per step for every branch the guidance needs."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from .combine import combine
+from . import kernels
+from .combine import combine_weighted
 from .families import adapter_for
 from .guidance import Guidance
 from .methods import PerturbationTerm
-from .plan import StepPlan, build_plan
+from .plan import Permutations, StepPlan, build_plan
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,8 @@ class GuidedDenoiser:
         for i, t in enumerate(guidance.terms):
             t.check_model(self.layers_of.get(i, ()), type(self.adapter), f"{type(t).__name__} (term {i})",
                           type(model).__name__)
-        self._plans: dict[tuple, StepPlan] = {}
+        self._plans: dict[tuple, list] = {}     # step configuration -> [plan, compiled step]
+        self._compile: dict | None = None        # torch.compile's options once compile() is called
         self._state: dict = {}    # the CFG-place term's memory across the steps of a run (APG)
         self.last_rate: torch.Tensor | None = None   # S-CFG's rate map of the last step
 
@@ -218,13 +221,38 @@ class GuidedDenoiser:
     MAX_PLANS = 64   # distinct step configurations kept (a run has a handful)
 
     def plan(self, batch: int, has_uncond: bool, active, nag: bool = False, device=None) -> StepPlan:
+        return self._entry(batch, has_uncond, active, nag, device)[0]
+
+    def _entry(self, batch, has_uncond, active, nag, device) -> list:
+        """[plan, its compiled step or None] of one step configuration, built on first use; the
+        oldest is dropped beyond MAX_PLANS, its compiled step with it."""
         key = (batch, has_uncond, tuple(i for i, _, _ in active), nag, str(device))
         if key not in self._plans:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = build_plan(self.layers_of, tuple((i, t) for i, t, _ in active), batch,
-                                          has_uncond, nag, device)
+            plan = build_plan(self.layers_of, tuple((i, t) for i, t, _ in active), batch, has_uncond, nag,
+                              device, len(self.adapter.layers))
+            self.adapter.prepare(plan)
+            self._plans[key] = [plan, None]
         return self._plans[key]
+
+    def compile(self, **options) -> GuidedDenoiser:
+        """Run every later step's packed forward and guidance formula (`packed_step`) compiled
+        by ``torch.compile(**options)`` (e.g. ``mode="max-autotune"``, ``fullgraph=True``):
+        one compilation per step configuration (plan), isolated from the others, so a run whose
+        configuration changes (CFG's window closing, say) adds an entry instead of recompiling,
+        and steps whose scales or timestep change reuse it. Input checks, scales and TPG's
+        permutations stay on the host, outside the compiled function. Shapes are static by
+        default (``dynamic=False``): a plan fixes the rows, and a new latent size compiles anew
+        (dynamo's automatic dynamic shapes would otherwise make the next configuration's shapes
+        symbolic, as the configurations share one function). Returns self."""
+        options = {"dynamic": False, **options}
+        if "isolate_recompiles" in inspect.signature(torch.compile).parameters:   # torch >= 2.13
+            options["isolate_recompiles"] = options.get("isolate_recompiles", True)
+        self._compile = options
+        for entry in self._plans.values():
+            entry[1] = None
+        return self
 
     def __call__(self, sample: torch.Tensor, timestep, *, cond: dict, uncond: dict | None = None,
                  negative: dict | None = None, step: int, num_steps: int,
@@ -267,59 +295,86 @@ class GuidedDenoiser:
                 _check_batch(negative, batch, unbatched, "negative")
         if g.cfg is not None and g.cfg.zero_prediction(step):   # no forward can change a zero
             return sample.new_zeros(self.adapter.output_shape(sample))
-        plan = self.plan(batch, has_uncond, active, nag is not None, sample.device)
-        base = _merge(uncond, cond, "uncond/cond", unbatched) if has_uncond else cond
-        groups = plan.base_rows // batch
-        t = torch.as_tensor(timestep, device=sample.device)
-        if t.numel() == 1:
-            t = t.reshape(1).expand(plan.base_rows)
-        elif t.numel() == batch:
-            t = t.reshape(batch).repeat(groups)
-        else:
+        device = sample.device
+        plan, compiled = entry = self._entry(batch, has_uncond, active, nag is not None, device)
+        if self._compile is not None and compiled is None:
+            compiled = entry[1] = torch.compile(self.packed_step, **self._compile)
+        t = to_device(timestep if isinstance(timestep, torch.Tensor) else torch.as_tensor(timestep), device)
+        if t.numel() not in (1, batch):
             raise ValueError(f"timestep must be a scalar or have one value per sample ({batch}), got shape {tuple(t.shape)}")
-        perms = self._permutations(plan, generator, sample.device)
-        cfg = g.cfg
+        ordered = self._ordered(plan, active)
+        weights = to_device(kernels.combine_weights(w, [s for _, _, s in ordered], "cpu"), device)
         if state is None:   # the run's memory (APG): the caller's (one dict per run), else ours
             if step == 0:
                 self._state = {}
             state = self._state
         elif step == 0:
             state.clear()
-        extras = cfg.step_extras(sample, batch) if cfg is not None and has_uncond else {}
-        self.last_rate = None
+        extras = g.cfg.step_extras(sample, batch) if g.cfg is not None and has_uncond else {}
+        base = _merge(uncond, cond, "uncond/cond", unbatched) if has_uncond else cond
+        out, eps, self.last_rate = (compiled or self.packed_step)(
+            plan, sample, t, base, negative if nag else None, weights, self._permutations(plan, generator, sample),
+            w=w, nag=nag, extras=extras, state=state, step=step, host=self.adapter.host_inputs(plan, cond))
+        if finite is not None:
+            finite.verify(out, eps, plan, w, ordered, step)
+        return eps
+
+    def packed_step(self, plan: StepPlan, sample: torch.Tensor, timestep: torch.Tensor, base: dict,
+                    negative: dict | None, weights: torch.Tensor, perms: Permutations | None, *, w: Scale,
+                    nag: NagStep | None, extras: dict, state: dict, step: int,
+                    host: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One step's packed forward and guidance formula, a pure tensor function of what the
+        host prepared (the plan, the base rows' arguments, the timestep, `weights` = [w, s_1, ...]
+        on the device, TPG's permutations, the family's host_inputs): no Python decision on
+        tensor values, no host sync, no host-to-device copy, so torch.compile captures it as one
+        graph (`compile`). Returns every row's prediction, the guided prediction and S-CFG's
+        rate map (or None)."""
+        t = timestep.reshape(-1)
+        t = t.expand(plan.base_rows) if t.numel() == 1 else t.repeat(plan.base_rows // plan.batch)
+        cfg = self.guidance.cfg
+        rates = []
+
+        def rate(u, c):   # a per-pixel CFG scale (S-CFG), kept for inspection
+            rates.append(cfg.weight_map(extras, u, c, w))
+            return rates[0]
+
         with torch.no_grad():
-            out = self.adapter.forward(plan, sample, t, base, perms, negative if nag else None, nag, extras)
-            rate = None
-            if extras:
-                def rate(u, c):   # a per-pixel CFG scale (S-CFG), kept for inspection
-                    self.last_rate = cfg.weight_map(extras, u, c, w)
-                    return self.last_rate
-            ordered = self._ordered(plan, active)
-            eps = combine(out, plan, cfg, w, tuple(s for _, _, s in ordered), step=step, state=state,
-                          rate=rate)
-            if finite is not None:
-                finite.verify(out, eps, plan, w, ordered, step)
-            return eps
+            out = self.adapter.forward(plan, sample, t, base, perms, negative, nag, extras, **host)
+            eps = combine_weighted(out, plan, cfg, weights, w, step=step, state=state,
+                                   rate=rate if extras else None)
+        return out, eps, rates[0] if rates else None
 
     @staticmethod
     def _ordered(plan: StepPlan, active):
         by_index = {i: s for i, _, s in active}
         return [(b.term_index, b.term, _times(by_index[b.term_index], b.weight)) for b in plan.branches]
 
-    def _permutations(self, plan: StepPlan, generator, device):
+    def _permutations(self, plan: StepPlan, generator, sample: torch.Tensor) -> Permutations | None:
         """TPG permutations: one seed per active TPG term per step from the user's generator, then
-        one randperm per layer from seed + layer position (order-independent, reproducible)."""
+        one randperm per layer from seed + layer position (order-independent, reproducible),
+        drawn on the host and copied to the device in one tensor."""
+        if not plan.shuffled:
+            return None
         seeds = {}
         for i in sorted(plan.shuffled):
             gen_device = generator.device if generator is not None else "cpu"
             seeds[i] = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device))
-        cache = {}
+        parts, slots, offset = [], {}, 0
+        for p, bp in sorted(plan.blocks.items()):
+            if bp.shuffle:
+                n = self.adapter.image_tokens(sample, p)
+                parts += [torch.randperm(n, generator=torch.Generator("cpu").manual_seed(seeds[term] + p))
+                          for _, _, term in bp.shuffle]
+                slots[p] = (offset, len(bp.shuffle), n)
+                offset += len(bp.shuffle) * n
+        return Permutations(to_device(torch.cat(parts), sample.device), slots)
 
-        def perm(term_index: int, position: int, n_tokens: int):
-            key = (term_index, position, n_tokens)
-            if key not in cache:
-                g = torch.Generator("cpu").manual_seed(seeds[term_index] + position)
-                cache[key] = torch.randperm(n_tokens, generator=g).to(device)
-            return cache[key]
 
-        return perm
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: to CUDA through pinned memory,
+    asynchronously (ordered before the step's kernels on the stream)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -10,8 +10,6 @@ model-specific) and call these functions (methods.md sections 2-5).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +17,7 @@ from . import kernels
 from .effects import Segment
 from .kernels import gather_rows, guidance_combine, nag_attention, nag_combine, scatter_rows, token_shuffle
 
-__all__ = ["sdpa", "blur_queries", "variant_attention", "shift_segments", "qk_segments", "gather_rows",
+__all__ = ["sdpa", "blur_queries", "variant_attention", "attention_runs", "shift_segments", "qk_segments", "gather_rows",
            "scatter_rows", "token_shuffle", "guidance_combine", "nag_attention", "nag_combine"]
 
 
@@ -45,25 +43,33 @@ def blur_queries(q: torch.Tensor, segments: tuple[Segment, ...], grid, image: sl
     return torch.cat(parts)
 
 
-def variant_attention(q, k, v, segments: tuple[Segment, ...], image: slice | None = None,
-                      mean_identical: bool = False) -> torch.Tensor:
-    """Attention with per-row-segment variants. q, k, v: (R, H, N, d) after the query blur.
-    `image`: the image tokens of a joint (MM-DiT) sequence, None for self-attention (PAG's map
-    is then the identity). `mean_identical`: the image queries of mean-blurred rows are all
-    equal (no rotary embedding after the mean), so one query row per (row, head) is exact."""
-    if not segments:
+def variant_attention(q, k, v, runs: tuple, image: slice | None = None) -> torch.Tensor:
+    """Attention with per-row variants. q, k, v: (R, H, N, d) after the query blur; `runs`:
+    attention_runs of the rows' segments (() when all are plain). `image`: the image tokens of a
+    joint (MM-DiT) sequence, None for self-attention (PAG's map is then the identity)."""
+    if not runs:
         return sdpa(q, k, v)
-    # rows plain attention serves go to SDPA (its best backend), only the variant rows to the
-    # op, so normal rows never run slower than SDPA
     span = None if image is None else (image.start or 0, q.shape[2] if image.stop is None else image.stop)
     outs = []
-    for lo, hi, run in _runs(segments, mean_identical):
-        if run is None:
+    for lo, hi, tables in runs:
+        if tables is None:
             outs.append(sdpa(q[lo:hi], k[lo:hi], v[lo:hi]))
         else:
-            mode, beta, heads = _row_tables(run, hi - lo, q.shape[1], q.device, mean_identical)
-            outs.append(kernels.variant_attention(q[lo:hi], k[lo:hi], v[lo:hi], mode, beta, heads, span))
+            outs.append(kernels.variant_attention(q[lo:hi], k[lo:hi], v[lo:hi], *tables, span))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def attention_runs(segments: tuple[Segment, ...], heads: int, device, mean_identical: bool) -> tuple:
+    """variant_attention's work for these segments, built once per plan: consecutive row runs
+    (lo, hi, tables). Rows plain attention serves go to SDPA (its best backend; tables None), so
+    normal rows never run slower than SDPA; only the variant rows go to the op, with its per-row
+    (mode, beta, head mask) tables on the device. `mean_identical`: the image queries of
+    mean-blurred rows are all equal (no rotary embedding after the mean), so one query row per
+    (row, head) is exact."""
+    if not segments:
+        return ()
+    return tuple((lo, hi, None if run is None else _row_tables(run, hi - lo, heads, device, mean_identical))
+                 for lo, hi, run in _runs(segments, mean_identical))
 
 
 def _plain(s: Segment, mean_identical: bool) -> bool:
@@ -73,7 +79,6 @@ def _plain(s: Segment, mean_identical: bool) -> bool:
     return v is None or (not v.pag and (not v.mean or not mean_identical))
 
 
-@functools.lru_cache(maxsize=1024)   # segments are fixed per step configuration
 def _runs(segments: tuple[Segment, ...], mean_identical: bool):
     """Consecutive rows grouped into runs (lo, hi, segments re-based to lo), or (lo, hi, None)
     for rows plain attention serves."""
@@ -89,7 +94,6 @@ def _runs(segments: tuple[Segment, ...], mean_identical: bool):
     return tuple((lo, hi, None if run is None else shift_segments(tuple(run), lo)) for lo, hi, run in runs)
 
 
-@functools.lru_cache(maxsize=1024)   # per step configuration, layer shape and device
 def _row_tables(segments: tuple[Segment, ...], rows: int, heads: int, device: torch.device,
                 mean_identical: bool):
     """The op's per-row mode, beta and head mask for these segments."""

@@ -13,7 +13,9 @@ A branch forks by copying the cond rows' hidden state; every per-row input of th
 The plan asks each method which branches it adds and what it does where (methods.base); it
 knows no method by name. It is computed once per distinct configuration and device, and holds
 every per-layer decision as data: row segments with their attention variants, and the index
-tensors and masks the forward needs, already on the device. The forward only reads it.
+tensors, masks and tables the forward needs (the family adds its attention tables,
+Adapter.prepare), already on the device. The forward only reads it: no Python decision on tensor
+values and no tensor built from host data during a step, so torch.compile captures it whole.
 """
 from __future__ import annotations
 
@@ -83,7 +85,9 @@ def _keep_mask(spans: tuple, rows: int, device) -> torch.Tensor | None:
 @dataclass
 class BlockPlan:
     """What block `position` does: rows entering after forks, which rows run it, and the
-    per-row variants inside it (segments are relative to the rows that run it)."""
+    per-row variants inside it (segments are relative to the rows that run it). Its device
+    tables (keep masks, the shuffle table; the attention's row tables from Adapter.prepare) are
+    built with the plan, never during a step."""
 
     position: int
     rows: int                          # live rows after this block's forks
@@ -95,12 +99,29 @@ class BlockPlan:
     skip_attn: tuple = ()              # ((start, end), ...) run-relative rows whose attention adds 0
     skip_ff: tuple = ()                # ((start, end), ...) run-relative rows whose ff adds 0
     device: torch.device | None = None
-    _masks: dict = field(default_factory=dict)
+    pos_start: int | None = None       # NAG: the first positive row; tables also cover the rows from it
+    # the family's attention tables (ops.attention_runs), set once per plan by Adapter.prepare:
+    # of the segments its attention sees, and of NAG's negative stream (the positive rows)
+    attn: tuple = ()
+    nag_attn: tuple = ()
+    pos_attn: tuple = field(init=False, default=())   # self_attn of the positive rows, re-based to 0
+    plain: bool = field(init=False, default=True)     # every row runs the stock block
+    _tables: dict = field(init=False, default_factory=dict, repr=False)
 
-    @property
-    def plain(self) -> bool:
-        return (self.forks == 0 and self.run is None and not self.shuffle and not self.self_attn
-                and not self.skip_attn and not self.skip_ff)
+    def __post_init__(self):
+        self.plain = (self.forks == 0 and self.run is None and not self.shuffle and not self.self_attn
+                      and not self.skip_attn and not self.skip_ff)
+        if self.pos_start is not None:
+            self.pos_attn = ops.shift_segments(self.self_attn, self.pos_start)
+        for first in (0,) if self.pos_start is None else (0, self.pos_start):
+            for which, spans in (("attn", self.skip_attn), ("ff", self.skip_ff)):
+                spans = tuple((max(a, first) - first, b - first) for a, b in spans if b > first)
+                self._tables[which, first] = _keep_mask(spans, self.run_rows - first, self.device)
+            if self.shuffle:
+                table = torch.full((self.run_rows - first,), -1, dtype=torch.long)
+                for j, (start, end, _) in enumerate(self.shuffle):
+                    table[start - first:end - first] = j
+                self._tables["shuffle", first] = table.to(self.device)
 
     @property
     def run_rows(self) -> int:
@@ -108,24 +129,26 @@ class BlockPlan:
 
     def keep(self, which: str, first: int = 0) -> torch.Tensor | None:
         """The keep mask of the attention ("attn") or feed-forward ("ff") outputs of the run rows
-        from `first` on (NAG's negative stream holds the positive rows only)."""
-        key = (which, first)
-        if key not in self._masks:
-            spans = self.skip_attn if which == "attn" else self.skip_ff
-            spans = tuple((max(a, first) - first, b - first) for a, b in spans if b > first)
-            self._masks[key] = _keep_mask(spans, self.run_rows - first, self.device)
-        return self._masks[key]
+        from `first` (0 or pos_start) on (NAG's negative stream holds the positive rows only)."""
+        return self._tables[which, first]
 
     def shuffle_table(self, first: int = 0) -> torch.Tensor:
         """(run rows from `first`,) int64: the index of each row's permutation among
         self.shuffle, -1 for rows kept in order (the token_shuffle op's table)."""
-        key = ("shuffle", first)
-        if key not in self._masks:
-            table = torch.full((self.run_rows - first,), -1, dtype=torch.long)
-            for j, (start, end, _) in enumerate(self.shuffle):
-                table[start - first:end - first] = j
-            self._masks[key] = table.to(self.device)
-        return self._masks[key]
+        return self._tables["shuffle", first]
+
+
+@dataclass(frozen=True)
+class Permutations:
+    """TPG's permutations of one step, in one device tensor: at each shuffling block, one
+    permutation of its image tokens per entry of BlockPlan.shuffle."""
+
+    table: torch.Tensor
+    slots: dict   # position -> (offset in table, permutations, tokens)
+
+    def at(self, position: int) -> torch.Tensor:
+        offset, count, tokens = self.slots[position]
+        return self.table[offset:offset + count * tokens].view(count, tokens)
 
 
 @dataclass
@@ -140,6 +163,8 @@ class StepPlan:
     sample_index: torch.Tensor         # (total_rows,) the user sample each row belongs to
     nag: bool = False                  # NAG active: positive rows (cond + branches) get it
     shuffled: dict = field(default_factory=dict)   # term_index -> positions it shuffles at
+    other_blocks: dict = field(default_factory=dict)   # position -> BlockPlan of every other block
+    device: torch.device | None = None
 
     @property
     def cond_rows(self) -> slice:
@@ -154,6 +179,10 @@ class StepPlan:
     def branch_rows(self, k: int) -> slice:
         start = self.base_rows + k * self.batch
         return slice(start, start + self.batch)
+
+    def block(self, position: int) -> BlockPlan:
+        """The plan of any block, plain or not (built with the plan: a step constructs none)."""
+        return self.blocks.get(position) or self.other_blocks[position]
 
     def rows_before(self, position: int) -> int:
         """Live rows entering block `position` before its own forks."""
@@ -172,9 +201,9 @@ def _segments(spans: list[tuple[int, int, object]]) -> tuple:
 
 
 def build_plan(layers_of: dict[int, tuple[Layer, ...]], active: tuple[tuple[int, PerturbationTerm], ...],
-               batch: int, has_uncond: bool, nag: bool = False, device=None) -> StepPlan:
+               batch: int, has_uncond: bool, nag: bool = False, device=None, n_blocks: int = 0) -> StepPlan:
     """layers_of: term index -> resolved layers; active: (term index, term) of the perturbation
-    terms that have a row this step, in Guidance order."""
+    terms that have a row this step, in Guidance order; n_blocks: the model's addressable blocks."""
     branches = []
     for i, t in active:
         branches += [Branch(i, t, positions, weight)
@@ -184,6 +213,7 @@ def build_plan(layers_of: dict[int, tuple[Layer, ...]], active: tuple[tuple[int,
     base = 2 * batch if has_uncond else batch
     total = base + batch * len(branches)
     cond_start = batch if has_uncond else 0
+    pos_start = cond_start if nag else None
     source = list(range(base)) + [cond_start + j for _ in branches for j in range(batch)]
 
     blocks: dict[int, BlockPlan] = {}
@@ -218,9 +248,13 @@ def build_plan(layers_of: dict[int, tuple[Layer, ...]], active: tuple[tuple[int,
             run_pos=RowSet([r - cond_start for r in run_rows if r >= cond_start], rows - cond_start, device)
             if partial else None,
             shuffle=tuple(shuffle), self_attn=_segments(spans),
-            skip_attn=tuple(skip_attn), skip_ff=tuple(skip_ff), device=device)
+            skip_attn=tuple(skip_attn), skip_ff=tuple(skip_ff), device=device, pos_start=pos_start)
     shuffled = {b.term_index: tuple(sorted(b.positions)) for b, e in zip(branches, effects) if e.shuffle}
-    return StepPlan(batch=batch, has_uncond=has_uncond, branches=tuple(branches), blocks=blocks,
+    plan = StepPlan(batch=batch, has_uncond=has_uncond, branches=tuple(branches), blocks=blocks,
                     base_rows=base, total_rows=total,
                     row_source=torch.tensor(source, dtype=torch.long, device=device),
-                    sample_index=(torch.arange(total) % batch).to(device), nag=nag, shuffled=shuffled)
+                    sample_index=(torch.arange(total) % batch).to(device), nag=nag, shuffled=shuffled,
+                    device=torch.device(device) if device is not None else None)
+    plan.other_blocks.update((p, BlockPlan(p, plan.rows_before(p), pos_start=pos_start))
+                      for p in range(n_blocks) if p not in blocks)
+    return plan

@@ -78,11 +78,12 @@ def test_normal_rows_run_sdpa_and_only_variant_rows_the_kernel(monkeypatch):
     real = kernels.variant_attention
     monkeypatch.setattr(kernels, "variant_attention", lambda q, *a, **k: (calls.append(q.shape[0]), real(q, *a, **k))[1])
     q, k, v = (torch.randn(12, 2, 9, 16) for _ in range(3))
+    runs = ops.attention_runs(segments, 2, q.device, mean_identical=True)
     with kernels.triton_on_cpu():
-        out = ops.variant_attention(q, k, v, segments, mean_identical=True)
+        out = ops.variant_attention(q, k, v, runs)
     assert calls == [4, 2]
     calls.clear()
-    expect = ops.variant_attention(q, k, v, segments, mean_identical=True)   # the ops' PyTorch path
+    expect = ops.variant_attention(q, k, v, runs)   # the ops' PyTorch path
     assert calls == [4, 2]
     assert_close(out, expect)
 

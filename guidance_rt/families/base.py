@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..layers import Layer, LayerNotFoundError, describe, match_layers
-from ..plan import BlockPlan, StepPlan
+from ..plan import BlockPlan, Permutations, StepPlan
 
 
 class Adapter:
@@ -46,6 +46,9 @@ class Adapter:
     # collects S-CFG's semantic maps
     sigma_timesteps: ClassVar[bool] = False
     semantic_maps: ClassVar[bool] = False
+    # no rotary embedding after SEG's mean: a mean-blurred row's image queries stay identical
+    # in its attention (ops.attention_runs)
+    mean_identical: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -128,13 +131,38 @@ class Adapter:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
         return Transformer2DModelOutput(sample=sample)
 
-    def forward(self, plan: StepPlan, sample: torch.Tensor, timestep: torch.Tensor, base: dict, perms,
-                negative: dict | None = None, nag=None, extras: dict | None = None) -> torch.Tensor:
+    def image_tokens(self, sample: torch.Tensor, position: int) -> int:
+        """The image tokens block `position` sees for this sample (TPG permutes that many)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- the step
+
+    def prepare(self, plan: StepPlan) -> None:
+        """Build, once per plan, the device tables the forward reads (the attention's row
+        tables), so that a step creates no tensor from host data."""
+        for bp in plan.blocks.values():
+            bp.attn = ops.attention_runs(self.attended(bp), self.layers[bp.position].heads, plan.device,
+                                         self.mean_identical)
+
+    def attended(self, bp: BlockPlan) -> tuple:
+        """The segments of the rows the block's variant attention runs on."""
+        return bp.self_attn
+
+    def host_inputs(self, plan: StepPlan, cond: dict) -> dict:
+        """Keyword arguments of `forward` that only the host can compute, from tensor values
+        rather than shapes (FLUX: the token grid, from img_ids); computed before the step."""
+        return {}
+
+    def forward(self, plan: StepPlan, sample: torch.Tensor, timestep: torch.Tensor, base: dict,
+                perms: Permutations | None, negative: dict | None = None, nag=None,
+                extras: dict | None = None, **host) -> torch.Tensor:
         """The packed forward: every row of the plan in one pass. `base`: the model's forward
         arguments stacked over the base rows (uncond, cond); `timestep` one value per base row;
-        `perms(term_index, position, n_tokens)` TPG's permutations; `negative` and `nag`
-        (denoiser.NagStep) while NAG is active; `extras`: method data a family may feed (S-CFG's
-        semantic maps under "maps"). Returns the prediction of every row."""
+        `perms` TPG's permutations; `negative` and `nag` (denoiser.NagStep) while NAG is active;
+        `extras`: method data a family may feed (S-CFG's semantic maps under "maps"); `host`:
+        host_inputs. Returns the prediction of every row. A pure tensor function: it branches
+        on the plan and on shapes only, never on tensor values, and copies nothing from the
+        host, so torch.compile captures it whole."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- rows
@@ -157,15 +185,18 @@ class Adapter:
         return t.index_select(0, plan.row_source)
 
     @staticmethod
-    def shuffle(x: torch.Tensor, bp: BlockPlan, perms, image: slice = slice(None), first: int = 0) -> torch.Tensor:
+    def shuffle(x: torch.Tensor, bp: BlockPlan, perms: Permutations, image: slice = slice(None),
+                first: int = 0) -> torch.Tensor:
         """TPG: permute the image tokens of the shuffled rows (one permutation per term/layer).
         `first`: x holds the run rows from `first` on (NAG's stream: the positive rows; shuffled
         rows are branch rows, never before it)."""
         if not bp.shuffle:
             return x
-        n = x[:, image].shape[1]
-        stacked = torch.stack([perms(term, bp.position, n) for _, _, term in bp.shuffle])
-        return ops.token_shuffle(x, stacked, bp.shuffle_table(first), image.start or 0)
+        table = perms.at(bp.position)
+        if table.shape[1] != x[:, image].shape[1]:
+            raise RuntimeError(f"block {bp.position}: {table.shape[1]} tokens permuted, "
+                               f"{x[:, image].shape[1]} in the block (Adapter.image_tokens)")
+        return ops.token_shuffle(x, table, bp.shuffle_table(first), image.start or 0)
 
     @staticmethod
     def drop_rows(t: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:

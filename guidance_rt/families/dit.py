@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plan import BlockPlan, StepPlan
+from .. import ops
+from ..plan import StepPlan
 from .base import Adapter
 
 
@@ -35,6 +36,13 @@ class NagStream:
 
 
 class DiTAdapter(Adapter):
+    def prepare(self, plan: StepPlan) -> None:
+        super().prepare(plan)
+        if plan.nag:   # the negative stream's joint attention: the positive rows' segments
+            for bp in plan.blocks.values():
+                bp.nag_attn = ops.attention_runs(bp.pos_attn, self.layers[bp.position].heads, plan.device,
+                                                 self.mean_identical)
+
     def stock_block(self, block, img, txt, temb, extra):
         raise NotImplementedError
 
@@ -66,13 +74,12 @@ class DiTAdapter(Adapter):
         ps = plan.pos_start
         for i, block in enumerate(blocks):
             p = offset + i
-            bp = plan.blocks.get(p)
-            if bp is None and nag is None:
+            bp = plan.block(p)
+            if bp.plain and nag is None:
                 rows = img.shape[0]
                 self.record(p, rows)
                 txt, img = self.stock_block(block, img, txt, temb[:rows], extra)
             else:
-                bp = bp or BlockPlan(p, img.shape[0])
                 rows, run = bp.rows, bp.run
                 if bp.forks:
                     img, txt = self.grow(img, rows, plan), self.grow(txt, rows, plan)

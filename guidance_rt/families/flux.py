@@ -1,6 +1,8 @@
 """FluxTransformer2DModel (FLUX.1): the packed forward over double- and single-stream blocks."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
@@ -102,6 +104,10 @@ class FluxAdapter(DiTAdapter):
 
         return sample, timestep, branch
 
+    def __init__(self, model):
+        super().__init__(model)
+        self._grids: dict[int, tuple] = {}   # id(img_ids) -> (weak reference, grid)
+
     @staticmethod
     def enumerate_layers(model) -> list[Layer]:
         double = [Layer(str(i), f"transformer_blocks.{i}", "double", i, b.attn.heads)
@@ -112,8 +118,25 @@ class FluxAdapter(DiTAdapter):
     def output_shape(self, sample):
         return (*sample.shape[:-1], self.model.out_channels)
 
+    def image_tokens(self, sample, position):
+        return sample.shape[1]
+
+    def host_inputs(self, plan, cond):
+        """The token grid, where a finite SEG blur needs it: read from img_ids once per tensor (a
+        device sync), and kept for the few tensors a run uses."""
+        if not any(s.variant is not None and s.variant.blur and not s.variant.mean
+                   for bp in plan.blocks.values() for s in bp.self_attn):
+            return {"grid": None}
+        ids = cond["img_ids"]
+        hit = self._grids.get(id(ids))
+        if hit is None or hit[0]() is not ids:
+            if len(self._grids) >= 8:
+                self._grids.pop(next(iter(self._grids)))
+            hit = self._grids[id(ids)] = (weakref.ref(ids), flux_grid(_ids(ids)))
+        return {"grid": hit[1]}
+
     def forward(self, plan, sample, timestep, base: dict, perms, negative: dict | None = None, nag=None,
-                extras=None):
+                extras=None, grid=None):
         m = self.model
         if (base.get("joint_attention_kwargs") or {}):
             raise NotImplementedError("joint_attention_kwargs (IP-Adapter) are not supported by guidance-rt")
@@ -135,9 +158,6 @@ class FluxAdapter(DiTAdapter):
         txt = m.context_embedder(base["encoder_hidden_states"])
         img_ids = _ids(base["img_ids"])
         rope = m.pos_embed(torch.cat((_ids(base["txt_ids"]), img_ids), dim=0))
-        needs_grid = any(s.variant is not None and s.variant.blur and not s.variant.mean
-                         for bp in plan.blocks.values() for s in bp.self_attn)
-        grid = flux_grid(img_ids) if needs_grid else None
         ntxt = neg_rope = ntemb = neg_image = None
         if nag is not None:
             if negative.get("pooled_projections") is None:
@@ -231,22 +251,21 @@ class FluxAdapter(DiTAdapter):
             q, k, v = torch.cat([text_q, q], 1), torch.cat([text_k, k], 1), torch.cat([text_v, v], 1)
         n_txt = q.shape[1] - (x.shape[1] - image_start)      # text tokens in the sequence
         image = slice(n_txt, None)
-        o = ops.variant_attention(rotate(q, rope), rotate(k, rope), v.transpose(1, 2), bp.self_attn, image)
+        o = ops.variant_attention(rotate(q, rope), rotate(k, rope), v.transpose(1, 2), bp.attn, image)
         o = o.transpose(1, 2).flatten(2, 3).to(x.dtype)
         o_neg = None
         if nag is not None:
             ps, s = nag.pos_start, nag.step
-            segments = ops.shift_segments(bp.self_attn, ps)
             if c is not None:   # double block: the negative text beside the positive image tokens
                 n_neg = cn.shape[1]
                 nq, nk, nv = self._text_qkv(attn, cn)
                 nq, nk, nv = (torch.cat([t_neg, t[ps:, image]], 1) for t_neg, t in ((nq, q), (nk, k), (nv, v)))
             else:   # single block: the negative sequence's own tokens, SEG's queries included
                 n_neg = cn.shape[1] - (x.shape[1] - image_start)
-                nq = attn.norm_q(unflat(ops.blur_queries(attn.to_q(cn), segments, grid, slice(n_neg, None))))
+                nq = attn.norm_q(unflat(ops.blur_queries(attn.to_q(cn), bp.pos_attn, grid, slice(n_neg, None))))
                 nk, nv = attn.norm_k(unflat(attn.to_k(cn))), unflat(attn.to_v(cn))
             on = ops.variant_attention(rotate(nq, nag.extra), rotate(nk, nag.extra), nv.transpose(1, 2),
-                                   segments, slice(n_neg, None))
+                                       bp.nag_attn, slice(n_neg, None))
             on = on.transpose(1, 2).flatten(2, 3).to(x.dtype)
             guided = ops.nag_combine(o[ps:, image], on[:, n_neg:], s.phi, s.tau, s.alpha, s.norm)
             o = torch.cat([o[:ps], torch.cat([o[ps:, :n_txt], guided], 1)])

@@ -19,6 +19,7 @@ class SD3Adapter(DiTAdapter):
     pipelines = ("StableDiffusion3Pipeline",)
     default_layers = {"attention": "1", "tokens": "1", "skip": (7, 8, 9)}
     nag_alpha = 0.125
+    mean_identical = True   # qk-norm keeps a mean-blurred row's image queries identical
     text_tokens = 77 + 256   # CLIP + T5
     default_guidance = "cfg=4"
 
@@ -57,6 +58,10 @@ class SD3Adapter(DiTAdapter):
 
     def output_shape(self, sample):
         return (sample.shape[0], self.model.out_channels, *sample.shape[2:])
+
+    def image_tokens(self, sample, position):
+        patch = self.model.config.patch_size
+        return (sample.shape[-2] // patch) * (sample.shape[-1] // patch)
 
     def forward(self, plan, sample, timestep, base: dict, perms, negative: dict | None = None, nag=None,
                 extras=None):
@@ -149,17 +154,16 @@ class SD3Adapter(DiTAdapter):
                 tk = attn.norm_added_k(tk)
             return tq, tk, tv
 
-        image = slice(0, n_img)   # MEAN rows' image queries stay identical through qk-norm
+        image = slice(0, n_img)
         cq, ck, cv = text_qkv(c)
         o = merge(ops.variant_attention(torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2),
-                                    bp.self_attn, image, mean_identical=True))
+                                        bp.attn, image))
         o_img, o_txt, o_neg = o[:, :n_img], o[:, n_img:], None
         if nag is not None:
             ps, s = nag.pos_start, nag.step
             nq, nk, nv = text_qkv(cn)
             on = merge(ops.variant_attention(torch.cat([q[ps:], nq], 2), torch.cat([k[ps:], nk], 2),
-                                             torch.cat([v[ps:], nv], 2), ops.shift_segments(bp.self_attn, ps),
-                                             image, mean_identical=True))
+                                             torch.cat([v[ps:], nv], 2), bp.nag_attn, image))
             guided = ops.nag_combine(o_img[ps:], on[:, :n_img], s.phi, s.tau, s.alpha, s.norm)
             o_img = torch.cat([o_img[:ps], guided])
             o_neg = on[:, n_img:]

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .. import ops
 from ..effects import Segment
 from ..layers import Layer
-from ..plan import BlockPlan, StepPlan
+from ..plan import StepPlan
 from .base import Adapter
 
 UNET_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
@@ -30,6 +30,7 @@ class UNetAdapter(Adapter):
     default_layers = {"attention": "mid", "tokens": "d6-d23", "skip": "mid"}
     self_attention = "attn1"
     nag_alpha = 0.5
+    mean_identical = True
     text_tokens = 77   # CLIP
     semantic_maps = True
 
@@ -86,6 +87,45 @@ class UNetAdapter(Adapter):
         blocks = {id(b): l.position for l, b in zip(self.layers, self._blocks())}
         for t2d in self._transformers():
             self.first_position[id(t2d)] = blocks[id(t2d.transformer_blocks[0])]
+        # every block's resolution level (downsamplings applied before it): TPG's token counts
+        self.level: dict[int, int] = {}
+        level = 0
+        for block in model.down_blocks:
+            self._set_level(block, level)
+            level += bool(block.downsamplers)
+        if model.mid_block is not None:
+            self._set_level(model.mid_block, level)
+        for block in model.up_blocks:
+            self._set_level(block, level)
+            level -= bool(block.upsamplers)
+        self._sizes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    def _set_level(self, block, level: int):
+        for t2d in getattr(block, "attentions", None) or []:
+            first = self.first_position[id(t2d)]
+            self.level.update((p, level) for p in range(first, first + len(t2d.transformer_blocks)))
+
+    def image_tokens(self, sample, position):
+        h, w = self._level_sizes(tuple(sample.shape[-2:]))[self.level[position]]
+        return h * w
+
+    def _level_sizes(self, hw: tuple[int, int]) -> list[tuple[int, int]]:
+        """The latent size at every resolution level, from the downsamplers' own shape rules
+        (run on the meta device); kept for a few sample sizes."""
+        if hw not in self._sizes:
+            if len(self._sizes) >= 8:
+                self._sizes.pop(next(iter(self._sizes)))
+            sizes = [hw]
+            for block in self.model.down_blocks:
+                for down in block.downsamplers or []:
+                    x = torch.empty(1, down.channels, *sizes[-1], device="meta")
+                    meta = {n: t.to("meta") for n, t in [*down.named_parameters(), *down.named_buffers()]}
+                    sizes.append(tuple(torch.func.functional_call(down, meta, (x,)).shape[-2:]))
+            self._sizes[hw] = sizes
+        return self._sizes[hw]
+
+    def attended(self, bp):
+        return ops.qk_segments(bp.self_attn)[0]   # PAG-identity rows need only V
 
     @staticmethod
     def enumerate_layers(model: nn.Module) -> list[Layer]:
@@ -232,7 +272,7 @@ class UNetAdapter(Adapter):
         residual = h
         x, inner_dim = t2d._operate_on_continuous_inputs(h)
         for p, block in zip(positions, t2d.transformer_blocks):
-            bp = plan.blocks.get(p) or BlockPlan(p, x.shape[0])
+            bp = plan.block(p)
             if bp.forks:
                 x, residual = self.grow(x, bp.rows, plan), self.grow(residual, bp.rows, plan)
             run = bp.run
@@ -329,7 +369,7 @@ class UNetAdapter(Adapter):
             if attn.norm_q is not None:
                 q, k = attn.norm_q(q), attn.norm_k(k)
             qk = (q[:stat_rows], k[:stat_rows])   # the base rows come first and are never PAG rows
-            o = ops.variant_attention(q, k, vh, qsegs, mean_identical=True)
+            o = ops.variant_attention(q, k, vh, bp.attn)
             o = o.transpose(1, 2).reshape(n, -1, heads * vh.shape[-1]).to(q.dtype)
             for s, r in zip(qsegs, rows):
                 pieces[r.start] = o[s.rows]
