@@ -298,6 +298,8 @@ class GuidedDenoiser:
         device = sample.device
         plan, compiled = entry = self._entry(batch, has_uncond, active, nag is not None, device)
         if self._compile is not None and compiled is None:
+            if device.type == "cuda":   # tracing only reads the kernels' self-check verdicts: make them now
+                kernels.selfcheck.verify(device)
             compiled = entry[1] = torch.compile(self.packed_step, **self._compile)
         t = to_device(timestep if isinstance(timestep, torch.Tensor) else torch.as_tensor(timestep), device)
         if t.numel() not in (1, batch):
