@@ -401,9 +401,6 @@ def skip_changes(model: nn.Module, sample: torch.Tensor, timestep, kwargs: dict,
     rows = sample.shape[0]
     out = torch.zeros(len(layers), rows, dtype=torch.float64)
 
-    def no_tpg(*_):
-        raise RuntimeError("no TPG permutation is needed for skip-mode rows")
-
     with torch.no_grad():
         for start in range(0, len(layers), chunk):
             part = list(layers[start:start + chunk])
@@ -413,7 +410,7 @@ def skip_changes(model: nn.Module, sample: torch.Tensor, timestep, kwargs: dict,
             plan = den.plan(rows, False, active)
             t = torch.as_tensor(timestep, device=sample.device)
             t = t.reshape(1).expand(rows) if t.numel() == 1 else t.reshape(rows)
-            pred = den.adapter.forward(plan, sample, t, kwargs, no_tpg)
+            pred = den.adapter.forward(plan, sample, t, kwargs, None)   # skip rows need no TPG permutation
             c = pred[plan.cond_rows].double().flatten(1)
             cn = c.norm(dim=1).clamp_min(1e-300)
             for k, branch in enumerate(plan.branches):
