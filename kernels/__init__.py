@@ -23,11 +23,25 @@ if __name__ == "guidance_rt.kernels":
         "guidance_combine", "combine_weights",
     ]
 else:
-    # Imported as a top-level `kernels` from the repository root (transformers imports that name
-    # to probe for the Hugging Face `kernels` package). Running the op definitions again would
-    # re-register every guidance_rt op, freeing the operators that existing op handles still
-    # point to (intermittent crashes inside torch's op calls), so only re-export the package.
-    try:
-        from guidance_rt.kernels import *  # noqa: F401,F403
-    except ImportError:   # guidance_rt not installed: an empty module, never an import error
-        pass
+    # Imported as a top-level `kernels` because the repository root is on sys.path: that name
+    # belongs to the Hugging Face `kernels` package, which transformers (a dependency of it since
+    # 5.25) imports. Load that package in this module's place when it is installed; otherwise
+    # re-export guidance_rt.kernels (running the op definitions again would re-register every
+    # guidance_rt op, freeing the operators that existing op handles still point to).
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        __name__, [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
+    if _spec is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _module   # what `import kernels` returns once this file has run
+        _spec.loader.exec_module(_module)
+    else:
+        try:
+            from guidance_rt.kernels import *  # noqa: F401,F403
+        except ImportError:   # guidance_rt not installed: an empty module, never an import error
+            pass

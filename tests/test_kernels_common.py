@@ -84,21 +84,30 @@ def test_kernels_use_no_triton_stdlib_jit_helpers():
 
 
 def test_top_level_kernels_import_does_not_redefine_the_ops():
-    """From the repository root, `kernels/` is also importable as a top-level `kernels` (and
-    transformers imports that name when probing for the HF `kernels` package). That must not run
-    the op definitions a second time: re-registering would free the operators that existing op
-    handles point to, and later op calls crashed at random."""
+    """From the repository root, `kernels/` is also importable as a top-level `kernels`, a name
+    that belongs to the Hugging Face `kernels` package (transformers >= 5.25 depends on it and
+    imports it). Imported so, it must be that package when it is installed, else a re-export of
+    guidance_rt.kernels; either way it must not run the op definitions a second time:
+    re-registering would free the operators that existing op handles point to, and later op calls
+    crashed at random."""
+    import importlib.metadata
     import subprocess
     import sys
 
+    try:
+        importlib.metadata.version("kernels")   # only the Hugging Face package has a distribution
+        hub = True
+    except importlib.metadata.PackageNotFoundError:
+        hub = False
     root = pathlib.Path(__file__).resolve().parents[1]
     code = ("import sys, importlib, torch._library.custom_ops as c\n"
             "import guidance_rt.kernels as k\n"
             "before = dict(c.OPDEFS)\n"
             "top = importlib.import_module('kernels')\n"
-            "assert top.gather_rows is k.gather_rows\n"
-            "assert all(c.OPDEFS[n] is before[n] for n in before if n.startswith('guidance_rt::')), 'ops redefined'\n"
-            "assert not [m for m in sys.modules if m.startswith('kernels.')], 'kernel modules imported twice'\n")
+            + ("assert hasattr(top, 'CUDAProperties') and not hasattr(top, 'gather_rows'), top.__file__\n" if hub else
+               "assert top.gather_rows is k.gather_rows\n"
+               "assert not [m for m in sys.modules if m.startswith('kernels.')], 'kernel modules imported twice'\n")
+            + "assert all(c.OPDEFS[n] is before[n] for n in before if n.startswith('guidance_rt::')), 'ops redefined'\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -120,3 +129,4 @@ def test_interpreter_rejects_out_of_bounds_accesses():
     assert torch.equal(x, torch.ones(6))
     with pytest.raises(Exception, match="out-of-bounds store in kernel store_n"):
         store_n[(1,)](x, 7, BLOCK=8)
+
