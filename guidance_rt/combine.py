@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels, ops
+from . import ops
 from .plan import StepPlan
 
 
@@ -29,21 +29,13 @@ def per_sample(value, like: torch.Tensor):
     return torch.tensor(value, dtype=like.dtype, device=like.device).reshape(-1, *[1] * (like.dim() - 1))
 
 
-def combine(out: torch.Tensor, plan: StepPlan, cfg, w, scales: tuple, *, step: int = 0,
+def combine(out: torch.Tensor, plan: StepPlan, cfg, weights: torch.Tensor, w, *, step: int = 0,
             state: dict | None = None, rate=None) -> torch.Tensor:
-    """The guided prediction. `cfg`: the term in CFG's place (None: none); `w` its weight and
-    `scales` the perturbation branches' (plan.branches order), each a number or a list with one
-    value per sample. `rate` (S-CFG): a function (u, c) -> per-pixel map multiplying w.
-    Accumulates in fp32 at least."""
-    return combine_weighted(out, plan, cfg, kernels.combine_weights(w, scales, out.device), w, step=step,
-                            state=state, rate=rate)
-
-
-def combine_weighted(out: torch.Tensor, plan: StepPlan, cfg, weights: torch.Tensor, w, *, step: int = 0,
-                     state: dict | None = None, rate=None) -> torch.Tensor:
-    """combine with the weights already on the device (kernels.combine_weights of w and the
-    scales), as a step prepares them; `w` is still read by a non-linear formula (a number; a
-    per-sample list is taken from `weights`) and by `rate`."""
+    """The guided prediction. `cfg`: the term in CFG's place (None: none); `weights`:
+    kernels.combine_weights of its weight w and the perturbation branches' scales (plan.branches
+    order), on the device, as a step prepares them; `w` itself is read by a non-linear formula
+    (a number; a per-sample list is taken from `weights`). `rate` (S-CFG): a function (u, c) ->
+    per-pixel map multiplying w. Accumulates in fp32 at least."""
     rescale_by = cfg.rescale if cfg is not None and plan.has_uncond else 0.0
     if cfg is None or cfg.linear or not plan.has_uncond:
         rate_map = None

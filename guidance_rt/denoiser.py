@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
-from .combine import combine_weighted
+from .combine import combine
 from .families import adapter_for
 from .guidance import Guidance
 from .methods import PerturbationTerm
@@ -342,7 +342,7 @@ class GuidedDenoiser:
 
         with torch.no_grad():
             out = self.adapter.forward(plan, sample, t, base, perms, negative, nag, extras, **host)
-            eps = combine_weighted(out, plan, cfg, weights, w, step=step, state=state,
+            eps = combine(out, plan, cfg, weights, w, step=step, state=state,
                                    rate=rate if extras else None)
         return out, eps, rates[0] if rates else None
 

@@ -100,7 +100,7 @@ def test_runtime_combine_matches_reference():
     cfg = grt.CFG(scale=4.0, rescale=0.6)
     for w, scales in ((4.0, (3.0, 1.5)), ([4.0, 6.0], (3.0, [1.5, 0.0]))):
         args = (out, w, scales, batch, True, 0.6, None)
-        check(combine(out, plan, cfg, w, scales), reference(*args), reference(*args, dtype=out.dtype),
+        check(combine(out, plan, cfg, combine_weights(w, scales, "cpu"), w), reference(*args), reference(*args, dtype=out.dtype),
               what=f"w {w}, scales {scales}")
 
 
