@@ -365,11 +365,22 @@ class GuidedDenoiser:
         for p, bp in sorted(plan.blocks.items()):
             if bp.shuffle:
                 n = self.adapter.image_tokens(sample, p)
-                parts += [torch.randperm(n, generator=torch.Generator("cpu").manual_seed(seeds[term] + p))
+                groups = self.adapter.token_groups(sample, p)
+                parts += [_grouped_randperm(n, groups, torch.Generator("cpu").manual_seed(seeds[term] + p))
                           for _, _, term in bp.shuffle]
                 slots[p] = (offset, len(bp.shuffle), n)
                 offset += len(bp.shuffle) * n
         return Permutations(to_device(torch.cat(parts), sample.device), slots)
+
+
+def _grouped_randperm(n: int, groups: int, generator: torch.Generator) -> torch.Tensor:
+    """A permutation of n tokens that keeps each of `groups` equal consecutive groups (video
+    frames) in place: one randperm per group, in order, from one generator (groups == 1: exactly
+    torch.randperm(n))."""
+    if groups == 1:
+        return torch.randperm(n, generator=generator)
+    size = n // groups
+    return torch.cat([torch.randperm(size, generator=generator) + g * size for g in range(groups)])
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

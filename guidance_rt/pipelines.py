@@ -273,10 +273,8 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
     call.calls += 1
     if uncond_call:
         cond, uncond = arguments, None
-        if den.guidance.cfg is not None and len(call.encoded) >= 2:
-            neg_embeds, neg_pooled, neg_ids = call.encoded[1]
-            uncond = dict(arguments, encoder_hidden_states=neg_embeds, pooled_projections=neg_pooled,
-                          txt_ids=neg_ids)
+        if den.guidance.cfg is not None:
+            uncond = PIPELINE_FAMILIES[binding.kind].uncond_arguments(call.encoded, arguments)
         batch = sample.shape[0]
         t = timestep
     else:

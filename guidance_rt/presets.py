@@ -125,7 +125,7 @@ def _preset_of(model: nn.Module) -> Preset | None:
 
 def example_inputs(name_or_model, *, batch: int = 1, height: int | None = None, width: int | None = None,
                    seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
-                   t: float = 0.5, text_len: int | None = None) -> dict:
+                   t: float = 0.5, text_len: int | None = None, frames: int | None = None) -> dict:
     """One denoising step's inputs, in the conventions of the model's stock pipeline.
 
     Returns {"sample", "timestep", "cond", "uncond", "negative", "height", "width"}: cond / uncond /
@@ -133,7 +133,8 @@ def example_inputs(name_or_model, *, batch: int = 1, height: int | None = None, 
     same keys and shapes and distinct random text embeddings (shared position ids, time ids and
     FLUX guidance, as in the pipelines). `height`/`width` are latent pixels (default: the preset's,
     or the config's sample_size for an unknown model); `t` is the noise level in (0, 1): sigma
-    for SD3/FLUX, t * 999 rounded for a UNet. Tensors are batch-major with batch `batch`, except
+    for SD3/FLUX, t * 999 rounded for a UNet. `frames`: latent frames of a video model (default:
+    the preset's). Tensors are batch-major with batch `batch`, except
     FLUX's 2-D img_ids / txt_ids. Random values come from a CPU generator, so they do not depend
     on `device`.
     """
@@ -161,7 +162,9 @@ def example_inputs(name_or_model, *, batch: int = 1, height: int | None = None, 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    sample, timestep, branch = family_cls.example_step(cfg, batch, h, w, text_len, t, randn)
+    frames = frames or (preset.frames if preset is not None else 0)   # video presets: latent frames
+    sample, timestep, branch = family_cls.example_step(cfg, batch, h, w, text_len, t, randn,
+                                                       **({"frames": frames} if frames else {}))
     cond, uncond, negative = branch(), branch(), branch()
     return {"sample": sample, "timestep": timestep, "cond": cond, "uncond": uncond,
             "negative": negative, "height": h, "width": w}

@@ -10,8 +10,10 @@ from .base import Adapter
 from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
+from .wan import WanAdapter
 
 FAMILIES: dict[str, type[Adapter]] = {cls.name: cls for cls in (UNetAdapter, SD3Adapter, FluxAdapter)}
+FAMILIES[WanAdapter.name] = WanAdapter
 
 SUPPORTED_CLASSES = {c: family.name for family in FAMILIES.values() for c in family.classes}
 # pipeline class -> the family of its denoiser, and the attribute holding it

@@ -27,6 +27,11 @@ class Adapter:
     classes: ClassVar[tuple[str, ...]] = ()        # diffusers model classes it serves
     pipelines: ClassVar[tuple[str, ...]] = ()      # diffusers pipeline classes guided() wraps
     denoiser_attribute: ClassVar[str] = "transformer"   # the pipeline's attribute holding the model
+    # further attributes holding denoisers of the same family that the pipeline switches to
+    # (Wan 2.2's transformer_2), guided alike; absent or None ones are skipped
+    denoiser_attributes: ClassVar[tuple[str, ...]] = ()
+    # such an attribute -> the pipeline argument giving its own CFG scale (Wan: guidance_scale_2)
+    expert_cfg_arguments: ClassVar[dict] = {}
     # layer addressing: bare integers address blocks; part names that address all their blocks
     by_index: ClassVar[bool] = True
     parts: ClassVar[tuple[str, ...]] = ()
@@ -95,6 +100,17 @@ class Adapter:
         raise NotImplementedError
 
     @staticmethod
+    def uncond_arguments(encoded: list, arguments: dict) -> dict | None:
+        """With uncond_call: the uncond call's forward arguments, from the cond call's
+        `arguments` and the results of the pipeline's encode_prompt calls so far (`encoded`);
+        None while unknown. This default is FluxPipeline's: one encode_prompt call per prompt,
+        returning (embeds, pooled, text ids), the negative second."""
+        if len(encoded) < 2:
+            return None
+        neg_embeds, neg_pooled, neg_ids = encoded[1]
+        return dict(arguments, encoder_hidden_states=neg_embeds, pooled_projections=neg_pooled, txt_ids=neg_ids)
+
+    @staticmethod
     def example_step(config: dict, batch: int, height: int, width: int, text_len: int, t: float, randn):
         """One step's random inputs in the stock pipeline's conventions (presets.example_inputs):
         (sample, timestep, branch) where branch() draws one branch's forward arguments. `randn`
@@ -134,6 +150,11 @@ class Adapter:
     def image_tokens(self, sample: torch.Tensor, position: int) -> int:
         """The image tokens block `position` sees for this sample (TPG permutes that many)."""
         raise NotImplementedError
+
+    def token_groups(self, sample: torch.Tensor, position: int) -> int:
+        """Equal consecutive groups of those image tokens that TPG shuffles each within itself
+        (video: the frames); 1: one permutation of all of them."""
+        return 1
 
     # ---------------------------------------------------------------- the step
 

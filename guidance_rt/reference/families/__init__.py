@@ -10,11 +10,13 @@ from .base import Family
 from .flux import FluxFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
+from .wan import WanFamily
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     UNetFamily(),
     SD3Family(),
     FluxFamily(),
+    WanFamily(),
 )}
 
 
