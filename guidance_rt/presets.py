@@ -235,6 +235,41 @@ def _vae(latent_channels: int, *, scaling_factor: float, shift_factor: float | N
         use_quant_conv=quant_conv, use_post_quant_conv=quant_conv).eval()
 
 
+def _umt5_text(tokenizer, d_model: int):
+    """A tiny random UMT5 encoder (Wan's text encoder is UMT5-XXL)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=2 * d_model, d_kv=8,
+                        num_heads=d_model // 8, num_layers=2, relative_attention_num_buckets=8,
+                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return UMT5EncoderModel(config).eval()
+
+
+def _wan_vae(latent_channels: int):
+    """A tiny AutoencoderKLWan with the real compression: 4x in time (2 temporal downsamples),
+    8x in space (3 levels); as diffusers' own Wan pipeline tests build it."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=3, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def _wan_parts(name: str, preset: Preset, denoiser: nn.Module, seed: int) -> dict:
+    """WanPipeline's components around a tiny Wan preset (two experts for a Wan 2.2 A14B one)."""
+    import diffusers as D
+
+    tok = _t5_tokenizer()
+    parts = dict(
+        tokenizer=tok, text_encoder=_umt5_text(tok, preset.config["text_dim"]),
+        vae=_wan_vae(preset.latent_channels), transformer=denoiser,
+        # Wan 2.1 / 2.2's published scheduler: UniPC on flow sigmas, shift 3 (480p)
+        scheduler=D.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            flow_shift=3.0))
+    if preset.experts == 2:
+        parts.update(transformer_2=build_model(name, seed=seed + 1), boundary_ratio=0.875)
+    return parts
+
+
 def _add_random_lora(model: nn.Module, seed: int) -> None:
     """A rank-4 LoRA on every attention projection, registered through diffusers' peft integration
     (`add_adapter`, so pipe.set_adapters / fuse_lora / lora scale work), with non-zero B so it
@@ -255,7 +290,9 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
 
     tiny-sd15 -> StableDiffusionPipeline (DDIM), tiny-sdxl -> StableDiffusionXLPipeline
     (EulerDiscrete), tiny-sd3 / tiny-sd35 -> StableDiffusion3Pipeline, tiny-flux -> FluxPipeline
-    (FlowMatchEulerDiscrete). `controlnet=True` (UNet presets only) gives the ControlNet variant
+    (FlowMatchEulerDiscrete), tiny-wan / tiny-wan22 -> WanPipeline (UniPC flow; tiny-wan22 with
+    two experts, boundary_ratio 0.875; call it with height, width and num_frames: 64, 64, 9 for
+    the preset's 3 x 8 x 8 latent). `controlnet=True` (UNet presets only) gives the ControlNet variant
     with a random ControlNetModel.from_unet (call it with `image=`, a control image in pixels);
     `lora=True` adds a random LoRA adapter named "tiny-lora" to the denoiser (needs peft).
     Default image size is 8x the preset latent (128 px); progress bars are off.
@@ -308,6 +345,8 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
                 transformer=denoiser,
                 scheduler=D.FlowMatchEulerDiscreteScheduler(shift=3.0))
             cls = D.StableDiffusion3Pipeline
+        elif preset.family == "wan":
+            parts, cls = _wan_parts(name, preset, denoiser, seed), D.WanPipeline
         else:  # flux
             tok, tok2 = _clip_tokenizer(), _t5_tokenizer()
             parts = dict(
