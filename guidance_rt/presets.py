@@ -369,5 +369,8 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
     pipe = cls(**parts)
     if preset.family == "flux":
         pipe.default_sample_size = preset.latent[0]  # FluxPipeline hard-codes 128 (1024 px)
+    if preset.frames:   # a video pipeline defaults to its full size (Wan: 480x832, 81 frames)
+        pipe.default_sample_size = preset.latent[0]
+        pipe.default_num_frames = (preset.frames - 1) * pipe.vae_scale_factor_temporal + 1
     pipe.set_progress_bar_config(disable=True)
     return pipe

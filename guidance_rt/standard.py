@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # family -> the tiny preset bench runs its standard configurations on (in this order)
 FAMILY_PRESET = {"unet": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
+FAMILY_PRESET["wan"] = "tiny-wan"
 
 # (family, name, spec); terms that do not exist in this build (NAG, CSLG) are left out
 STANDARD: list[tuple[str, str, str]] = [
@@ -17,6 +18,10 @@ STANDARD: list[tuple[str, str, str]] = [
     ("flux", "plain", ""),
     ("flux", "NAG", "nag=5"),
     ("flux", "CSLG[3,8,6,10,14]", "slg=2@3,8,6,10,14:0-1:form=cslg"),   # published FLUX text layers
+    ("wan", "CFG", "cfg=5"),
+    ("wan", "CFG+SLG[10]", "cfg=5 slg=3@10:0.1-1"),   # the community's Wan SLG (block 10, from 10%)
+    ("wan", "CFG+PAG[10]", "cfg=5 pag=3@10"),
+    ("wan", "CFG+NAG", "cfg=5 nag=5"),
 ]
 IMPLEMENTATIONS = ("guidance-rt", "reference", "diffusers-pipelines", "diffusers-guiders")
 

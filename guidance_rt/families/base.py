@@ -47,6 +47,12 @@ class Adapter:
     # denoiser call per step (FLUX's true CFG) instead of the uncond half of a doubled batch
     cfg_argument: ClassVar[str] = "guidance_scale"
     uncond_call: ClassVar[bool] = False
+    # `guidance-rt generate`: the pipeline's images-per-prompt argument, the output attribute
+    # holding its results (a video pipeline's: lists of frames), and the (width, height) in
+    # pixels when the pipeline has no default_sample_size and the model no sample_size
+    batch_argument: ClassVar[str] = "num_images_per_prompt"
+    pipeline_output: ClassVar[str] = "images"
+    default_pixels: ClassVar[tuple[int, int] | None] = None
     # what methods may ask of it: its timestep is a sigma in 0..1 (not 0..1000); its forward
     # collects S-CFG's semantic maps
     sigma_timesteps: ClassVar[bool] = False

@@ -64,6 +64,9 @@ class WanAdapter(Adapter):
     default_guidance = "cfg=5"
     cfg_argument = "guidance_scale"
     uncond_call = True
+    batch_argument = "num_videos_per_prompt"
+    pipeline_output = "frames"
+    default_pixels = (832, 480)   # WanPipeline's default size (480p)
 
     @staticmethod
     def enumerate_layers(model) -> list[Layer]:
