@@ -265,7 +265,7 @@ def check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], 
         if cfg is not None and scale <= 1.0:
             raise ValueError(f"{pipe_name}({arg}={scale}) contradicts the Guidance ({type(cfg).__name__} term): "
                              f"{arg} replaces its scale on the second denoiser and needs scale > 1 there")
-    if family.uncond_call and cfg is not None and kwargs.get("negative_prompt") is None \
+    if family.uncond_call and family.cfg_needs_negative and cfg is not None and kwargs.get("negative_prompt") is None \
             and kwargs.get("negative_prompt_embeds") is None:
         raise ValueError(f"{pipe_name} with a CFG term needs negative_prompt (true CFG)")
 

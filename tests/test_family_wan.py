@@ -150,6 +150,9 @@ def test_guided_pipeline_cfg_equals_stock_and_terms_apply():
             _video(pipe, guidance_scale=3.0)
     with grt.guided(pipe):   # the call's own arguments
         assert rel(_video(pipe, guidance_scale=5.0), stock) < TOL
+    no_negative = _video(pipe, negative_prompt=None, guidance_scale=5.0)
+    with grt.guided(pipe, grt.Guidance(grt.CFG(5.0))):   # no negative prompt: WanPipeline's ""
+        assert rel(_video(pipe, negative_prompt=None), no_negative) < TOL
     assert (type(pipe), dict(pipe.config), model_state(pipe.transformer)) == before
 
 

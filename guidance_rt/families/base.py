@@ -47,6 +47,8 @@ class Adapter:
     # denoiser call per step (FLUX's true CFG) instead of the uncond half of a doubled batch
     cfg_argument: ClassVar[str] = "guidance_scale"
     uncond_call: ClassVar[bool] = False
+    # with uncond_call: whether the pipeline runs CFG only when given a negative prompt (FLUX)
+    cfg_needs_negative: ClassVar[bool] = True
     # `guidance-rt generate`: the pipeline's images-per-prompt argument, the output attribute
     # holding its results (a video pipeline's: lists of frames), and the (width, height) in
     # pixels when the pipeline has no default_sample_size and the model no sample_size

@@ -64,6 +64,7 @@ class WanAdapter(Adapter):
     default_guidance = "cfg=5"
     cfg_argument = "guidance_scale"
     uncond_call = True
+    cfg_needs_negative = False    # WanPipeline's negative prompt defaults to ""
     batch_argument = "num_videos_per_prompt"
     pipeline_output = "frames"
     default_pixels = (832, 480)   # WanPipeline's default size (480p)
