@@ -302,7 +302,7 @@ class GuidedDenoiser:
                 kernels.selfcheck.verify(device)
             compiled = entry[1] = torch.compile(self.packed_step, **self._compile)
         t = to_device(timestep if isinstance(timestep, torch.Tensor) else torch.as_tensor(timestep), device)
-        if t.numel() not in (1, batch):
+        if t.numel() not in (1, batch) and not (self.adapter.token_timesteps and t.dim() == 2 and t.shape[0] == batch):
             raise ValueError(f"timestep must be a scalar or have one value per sample ({batch}), got shape {tuple(t.shape)}")
         ordered = self._ordered(plan, active)
         weights = to_device(kernels.combine_weights(w, [s for _, _, s in ordered], "cpu"), device)

@@ -99,6 +99,17 @@ def test_all_terms_together_batch_2(model):
     assert rel(packed, plain) > EFFECT
 
 
+def test_per_token_timesteps_wan22_ti2v(model):
+    """Wan 2.2 TI2V's expand_timesteps: one timestep per latent token, (batch, tokens)."""
+    inp = presets.example_inputs(NAME, batch=2, seed=3)
+    t = torch.rand(2, 3 * 4 * 4, generator=torch.Generator().manual_seed(1)) * 1000
+    g = grt.Guidance(grt.CFG(5.0), grt.SLG(layers=10, **ALL), grt.TPG(layers=5), grt.NAG(4.0))
+    packed, ref = _run(model, g, dict(inp, timestep=t))
+    assert rel(packed, ref) < TOL
+    flat, _ = _run(model, g, dict(inp, timestep=t[:, :1].expand_as(t).contiguous()))
+    assert rel(packed, flat) > EFFECT
+
+
 # --- per-frame SEG and TPG ----------------------------------------------------------------------
 
 def test_tpg_permutes_within_frames_as_the_reference_draws(model):

@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from ..families import resolve_layers
+from ..families import FAMILIES, resolve_layers
 from ..guidance import Guidance
 from ..methods import APG, CFG, PAG, SEG, SLG, CFGZeroStar
 from .targets import Ctx, Prepared, Unsupported
@@ -86,7 +86,7 @@ def prepare_diffusers(ctx: Ctx, g: Guidance) -> Prepared:
         if w is None:
             e = _model_call(model, x, t, c)
             return e, e, None
-        if family == "flux":  # FluxPipeline's true CFG: two calls at B
+        if FAMILIES[family].uncond_call:  # FluxPipeline's true CFG, WanPipeline's CFG: two calls at B
             ec = _model_call(model, x, t, c)
             eu = _model_call(model, x, t, u)
         else:

@@ -58,6 +58,8 @@ class Adapter:
     # what methods may ask of it: its timestep is a sigma in 0..1 (not 0..1000); its forward
     # collects S-CFG's semantic maps
     sigma_timesteps: ClassVar[bool] = False
+    # its forward also takes a timestep per sample and token, (batch, tokens) (Wan 2.2 TI2V)
+    token_timesteps: ClassVar[bool] = False
     semantic_maps: ClassVar[bool] = False
     # no rotary embedding after SEG's mean: a mean-blurred row's image queries stay identical
     # in its attention (ops.attention_runs)

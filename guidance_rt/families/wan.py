@@ -65,6 +65,7 @@ class WanAdapter(Adapter):
     cfg_argument = "guidance_scale"
     uncond_call = True
     cfg_needs_negative = False    # WanPipeline's negative prompt defaults to ""
+    token_timesteps = True        # Wan 2.2 TI2V (expand_timesteps): one timestep per latent token
     batch_argument = "num_videos_per_prompt"
     pipeline_output = "frames"
     default_pixels = (832, 480)   # WanPipeline's default size (480p)
