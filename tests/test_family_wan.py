@@ -203,3 +203,4 @@ def test_generate_writes_an_animated_png_with_its_settings(tmp_path):
     with Image.open(path) as im:
         assert im.is_animated and im.n_frames == 9
     assert generate.read_settings(path).guidance == "cfg=5 slg=3@10"
+
