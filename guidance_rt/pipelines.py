@@ -89,11 +89,12 @@ class _Binding:
         for attribute, model in self.experts.items():
             own = _expert_guidances(guidances, kwargs.get(family.expert_cfg_arguments.get(attribute, "")))
             key = (attribute, own)
-            if key not in self.expert_dens:
-                if len(self.expert_dens) >= 8:
-                    self.expert_dens.pop(next(iter(self.expert_dens)))
-                self.expert_dens[key] = GuidedDenoiser(model, list(own) if len(own) > 1 else own[0])
-            dens[id(model)] = self.expert_dens[key]
+            with _LOCK:   # calls in several threads share the binding
+                if key not in self.expert_dens:
+                    if len(self.expert_dens) >= 8:
+                        self.expert_dens.pop(next(iter(self.expert_dens)))
+                    self.expert_dens[key] = GuidedDenoiser(model, list(own) if len(own) > 1 else own[0])
+                dens[id(model)] = self.expert_dens[key]
         return dens
 
     def denoiser_for(self, guidance: Guidance, arguments: dict) -> GuidedDenoiser:

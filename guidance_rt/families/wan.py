@@ -84,9 +84,10 @@ class WanAdapter(Adapter):
 
     @staticmethod
     def encode_negative(pipe, original_class, kind, text):
+        # WanPipeline's default max_sequence_length (encode_prompt's own default is 226)
         embeds, _ = original_class.encode_prompt(pipe, prompt=text, negative_prompt=None,
                                                  do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                                                 device=pipe._execution_device)
+                                                 max_sequence_length=512, device=pipe._execution_device)
         return {"encoder_hidden_states": embeds.to(pipe.transformer.dtype if pipe.transformer is not None
                                                    else pipe.transformer_2.dtype)}
 
