@@ -13,6 +13,8 @@ Conventions (one step, as each stock pipeline calls its denoiser):
 - SD3 / SD3.5: sample (B, 16, H, W); timestep float32 = sigma * 1000.
 - FLUX: sample packed as FluxPipeline packs a (B, 16, H, W) latent: (B, H/2 * W/2, 64);
   timestep = sigma in 0..1 (the transformer multiplies by 1000 itself); img_ids / txt_ids 2-D.
+- FLUX.2: sample packed as Flux2Pipeline packs a (B, 32, H, W) latent: (B, H/2 * W/2, 128);
+  timestep = sigma; img_ids / txt_ids 2-D with 4 axes (t, h, w, l); guidance 4.0; no pooled text.
 H and W are always latent pixels (image pixels / 8).
 """
 from __future__ import annotations
