@@ -24,6 +24,7 @@ class Preset:
     tiny: bool
     description: str
     text_len: int = 0  # default text tokens in example_inputs (0: the family's)
+    latent_packing: int = 1  # model input channels per VAE latent channel (FLUX.2: 2x2 patches, 4)
     frames: int = 0    # latent frames of a video preset (0: an image preset)
     experts: int = 1   # denoisers of its pipeline (Wan 2.2 A14B: transformer, transformer_2)
 
@@ -31,7 +32,7 @@ class Preset:
     def latent_channels(self) -> int:
         """Channels of the unpacked VAE latent."""
         c = self.config["in_channels"]
-        return c // 4 if self.family == "flux" else c
+        return c // 4 if self.family == "flux" else c // self.latent_packing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +93,16 @@ _FLUX_DEV = dict(
     axes_dims_rope=(16, 56, 56),     # sums to attention_head_dim
 )
 
+_FLUX2_DEV = dict(   # Flux2Transformer2DModel's defaults are FLUX.2-dev's published config
+    patch_size=1, in_channels=128, out_channels=None,   # 32 VAE channels in 2x2 patches
+    num_layers=8, num_single_layers=48,
+    attention_head_dim=128, num_attention_heads=48,
+    joint_attention_dim=15360,       # Mistral Small 3.1: 3 hidden layers x 5120
+    timestep_guidance_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6,
+    guidance_embeds=True,
+)
+
 # Wan (WanTransformer3DModel): the published diffusers configs of Wan-AI/Wan2.1-T2V-1.3B-Diffusers,
 # Wan2.1-T2V-14B-Diffusers and Wan2.2-T2V-A14B-Diffusers (each of the two experts is a 14B model of
 # the Wan 2.1 14B shape); UMT5-XXL text (4096 wide), 16-channel Wan VAE latent (4x temporal, 8x
@@ -125,18 +136,23 @@ _TINY_WIDTHS = {
     "wan": dict(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=16, ffn_dim=48),
     "flux": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                  pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
+    "flux2": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,   # 3 x 16
+                  timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4)),
 }
 
 # Text lengths of the tiny presets: shorter than the pipelines' defaults so that text tokens do
 # not dominate a 16x16 latent's 64..256 image tokens; the models accept any length.
-_TINY_TEXT = {"sd3": 77 + 32, "flux": 64, "wan": 16}
+_TINY_TEXT = {"sd3": 77 + 32, "flux": 64, "flux2": 32, "wan": 16}
 
 
-def _preset(name, family, cls, config, latent, tiny, description, text_len=0, frames=0, experts=1):
-    return Preset(name, family, cls, dict(config), latent, tiny, description, text_len, frames, experts)
+def _preset(name, family, cls, config, latent, tiny, description, text_len=0, latent_packing=1, frames=0,
+            experts=1):
+    return Preset(name, family, cls, dict(config), latent, tiny, description, text_len, latent_packing, frames,
+                  experts)
 
 
 _UNET, _SD3, _FLUX = "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"
+_FLUX2 = "Flux2Transformer2DModel"
 _WAN = "WanTransformer3DModel"
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
@@ -164,6 +180,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("tiny-flux", "flux", _FLUX, {**_FLUX_DEV, **_TINY_WIDTHS["flux"]}, (16, 16), True,
             "FLUX.1-dev topology (19 double + 38 single blocks, guidance embedding), tiny widths",
             _TINY_TEXT["flux"]),
+    _preset("flux2-dev", "flux2", _FLUX2, _FLUX2_DEV, (128, 128), False,
+            "FLUX.2-dev (32B, 8 double + 48 single blocks, shared modulation, guidance embedding), 1024px",
+            latent_packing=4),
+    _preset("tiny-flux2", "flux2", _FLUX2, {**_FLUX2_DEV, **_TINY_WIDTHS["flux2"]}, (16, 16), True,
+            "FLUX.2-dev topology (8 double + 48 single blocks, guidance embedding), tiny widths",
+            _TINY_TEXT["flux2"], latent_packing=4),
     _preset("wan21-1.3b", "wan", _WAN, _WAN21_1_3B, (60, 104), False,
             "Wan 2.1 T2V 1.3B (30 blocks), 480x832, 81 frames (21 latent frames)", frames=21),
     _preset("wan21-14b", "wan", _WAN, _WAN21_14B, (60, 104), False,

@@ -8,10 +8,13 @@ import torch.nn as nn
 from ..layers import Layer, UnsupportedModelError
 from .base import Adapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
 from .wan import WanAdapter
 
+FAMILIES: dict[str, type[Adapter]] = {cls.name: cls for cls in (UNetAdapter, SD3Adapter, FluxAdapter,
+                                                                 Flux2Adapter)}
 FAMILIES: dict[str, type[Adapter]] = {cls.name: cls for cls in (UNetAdapter, SD3Adapter, FluxAdapter)}
 FAMILIES[WanAdapter.name] = WanAdapter
 

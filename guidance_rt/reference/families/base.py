@@ -64,6 +64,11 @@ class Family:
         (frames, rows, cols) for video tokens, frame-major: SEG blurs each frame on its own."""
         raise NotImplementedError
 
+    def queries(self, attn: nn.Module) -> tuple[nn.Module, slice | None]:
+        """The module whose output holds ``attn``'s queries (SEG hooks it), and their columns
+        there (None: all of its output)."""
+        return attn.to_q, None
+
     def token_groups(self, inputs, layer: Layer) -> int:
         """TPG: the equal consecutive groups of image tokens each permuted within itself (video
         frames); 1: one permutation of all of them."""
@@ -78,6 +83,11 @@ class Family:
         shuffled by ``shuffle``; ``run()`` runs the stock block on ``arguments``."""
         raise NotImplementedError
 
+    def shuffled_in(self, inputs, layer: Layer, run: Callable, arguments: dict, shuffle: Callable):
+        """TPG at ``layer`` of the branch ``inputs`` (BranchInputs): ``shuffled`` unless a family
+        needs the branch's inputs to find a block's image tokens."""
+        return self.shuffled(run, arguments, shuffle)
+
     def skipped(self, block: nn.Module, arguments: dict):
         """SLG skip="block": the block's output when it is bypassed, from its call's arguments."""
         raise NotImplementedError
@@ -85,6 +95,14 @@ class Family:
     def skipped_sublayers(self, block: nn.Module, layer: Layer, skip: str) -> list:
         """SLG skip="attn" / "ff": the modules made to output zeros (None entries are absent)."""
         raise NotImplementedError
+
+    def install_skip(self, stack: contextlib.ExitStack, block: nn.Module, layer: Layer, skip: str) -> None:
+        """SLG skip="attn" / "ff" on ``stack``: by default ``skipped_sublayers`` output zeros."""
+        from ..hooks import hook, return_zeros
+
+        for module in self.skipped_sublayers(block, layer, skip):
+            if module is not None:
+                hook(stack, module, return_zeros)
 
     # --------------------------------------------------------------------------- NAG
 
