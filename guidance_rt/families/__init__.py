@@ -15,7 +15,6 @@ from .wan import WanAdapter
 
 FAMILIES: dict[str, type[Adapter]] = {cls.name: cls for cls in (UNetAdapter, SD3Adapter, FluxAdapter,
                                                                  Flux2Adapter)}
-FAMILIES: dict[str, type[Adapter]] = {cls.name: cls for cls in (UNetAdapter, SD3Adapter, FluxAdapter)}
 FAMILIES[WanAdapter.name] = WanAdapter
 
 SUPPORTED_CLASSES = {c: family.name for family in FAMILIES.values() for c in family.classes}
