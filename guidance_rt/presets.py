@@ -15,6 +15,8 @@ Conventions (one step, as each stock pipeline calls its denoiser):
   timestep = sigma in 0..1 (the transformer multiplies by 1000 itself); img_ids / txt_ids 2-D.
 - FLUX.2: sample packed as Flux2Pipeline packs a (B, 32, H, W) latent: (B, H/2 * W/2, 128);
   timestep = sigma; img_ids / txt_ids 2-D with 4 axes (t, h, w, l); guidance 4.0; no pooled text.
+- Wan: sample (B, 16, F, H, W), F latent frames (the preset's `frames`); timestep float32 =
+  the scheduler's t in 0..1000 (Wan 2.2 TI2V: one per latent token, (B, tokens)); UMT5 text.
 H and W are always latent pixels (image pixels / 8).
 """
 from __future__ import annotations
