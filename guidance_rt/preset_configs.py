@@ -24,10 +24,13 @@ class Preset:
     tiny: bool
     description: str
     text_len: int = 0  # default text tokens in example_inputs (0: the family's)
+    vae_channels: int = 0  # channels of the unpacked VAE latent, where the config does not say (0: it does)
 
     @property
     def latent_channels(self) -> int:
         """Channels of the unpacked VAE latent."""
+        if self.vae_channels:
+            return self.vae_channels
         c = self.config["in_channels"]
         return c // 4 if self.family == "flux" else c
 
@@ -90,6 +93,13 @@ _FLUX_DEV = dict(
     axes_dims_rope=(16, 56, 56),     # sums to attention_head_dim
 )
 
+_QWEN_IMAGE = dict(
+    patch_size=2, in_channels=64, out_channels=16,   # 16-channel latents in 2x2 patches (packed)
+    num_layers=60, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=3584,        # Qwen2.5-VL-7B hidden size
+    guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)
+
 # Width-only overrides for the tiny presets. Channels in/out stay real (4 / 16 / 64), so latents
 # have the real shapes. UNet channels keep the real ratios between levels (SD1.5 1:2:4:4), so the
 # same resnets get a shortcut conv and the module trees match the real ones module for module.
@@ -109,18 +119,21 @@ _TINY_WIDTHS = {
                  pos_embed_max_size=64),
     "flux": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                  pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
+    "qwenimage": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                      axes_dims_rope=(4, 6, 6)),
 }
 
 # Text lengths of the tiny presets: shorter than the pipelines' defaults so that text tokens do
 # not dominate a 16x16 latent's 64..256 image tokens; the models accept any length.
-_TINY_TEXT = {"sd3": 77 + 32, "flux": 64}
+_TINY_TEXT = {"sd3": 77 + 32, "flux": 64, "qwenimage": 16}
 
 
-def _preset(name, family, cls, config, latent, tiny, description, text_len=0):
-    return Preset(name, family, cls, dict(config), latent, tiny, description, text_len)
+def _preset(name, family, cls, config, latent, tiny, description, text_len=0, vae_channels=0):
+    return Preset(name, family, cls, dict(config), latent, tiny, description, text_len, vae_channels)
 
 
 _UNET, _SD3, _FLUX = "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"
+_QWEN = "QwenImageTransformer2DModel"
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("sd15", "unet", _UNET, _SD15, (64, 64), False,
@@ -147,6 +160,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("tiny-flux", "flux", _FLUX, {**_FLUX_DEV, **_TINY_WIDTHS["flux"]}, (16, 16), True,
             "FLUX.1-dev topology (19 double + 38 single blocks, guidance embedding), tiny widths",
             _TINY_TEXT["flux"]),
+    _preset("qwen-image", "qwenimage", _QWEN, _QWEN_IMAGE, (128, 128), False,
+            "Qwen-Image MMDiT (20B, 60 dual-stream blocks), 1024px", vae_channels=16),
+    _preset("tiny-qwenimage", "qwenimage", _QWEN, {**_QWEN_IMAGE, **_TINY_WIDTHS["qwenimage"]}, (16, 16), True,
+            "Qwen-Image topology (60 dual-stream blocks), tiny widths", _TINY_TEXT["qwenimage"], vae_channels=16),
 ]}
 
 
