@@ -117,10 +117,10 @@ class QwenImageAdapter(DiTAdapter):
     classes = ("QwenImageTransformer2DModel",)
     pipelines = ("QwenImagePipeline",)
     # PAG / SEG / TPG: an early block, as on SD3 / FLUX. SLG: no published Qwen-Image SLG layers
-    # were found (ComfyUI's SkipLayerGuidanceDiT documents SD3's 7,8,9 and the community Wan
-    # workflows their own; nothing for Qwen-Image); so the SD3 practice transposed: a few blocks
-    # early in the middle third of the 60 (SD3's 7-9 of 24 ~ 0.3-0.4 of depth -> 18-23 of 60),
-    # where skipping degrades structure without destroying it.
+    # were found (searched ComfyUI docs/issues and community workflows: ComfyUI's generic
+    # SkipLayerGuidanceDiT / SkipLayerGuidanceSD3 nodes default to "7, 8, 9", SD3.5-medium's
+    # layers from Stability's sd3.5 repo, nothing tuned for Qwen-Image); so the SD3 practice
+    # transposed to the same relative depth: SD3's 7-9 of 24 blocks (0.29-0.38) -> 18-23 of 60.
     default_layers = {"attention": "1", "tokens": "1", "skip": (18, 19, 20, 21, 22, 23)}
     unbatched = ("img_shapes",)
     nag_alpha = 0.25          # no published Qwen-Image default: FLUX's (a flow MM-DiT with rotary)
