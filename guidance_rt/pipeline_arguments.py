@@ -113,7 +113,7 @@ def pop_arguments(pipe_name: str, kind: str, params, kwargs: dict) -> dict:
     None). A name with a guidance prefix that is neither one of them nor a parameter of the
     pipeline is an error."""
     valid = _arguments(kind)
-    stock = (PIPELINE_FAMILIES[kind].cfg_argument,) + (("guidance_rescale",) if "guidance_rescale" in params else ())
+    stock = tuple(a for a in (PIPELINE_FAMILIES[kind].cfg_argument,) if a) + (("guidance_rescale",) if "guidance_rescale" in params else ())
     for name in kwargs:
         if name in valid or name in params or not name.startswith(PREFIXES):
             continue
@@ -199,7 +199,8 @@ def guidance_for_call(pipe_name: str, kind: str, model, params, kwargs: dict,
     the stock arguments (read, not changed); `given` the guidance arguments popped from them."""
     terms = []
     scale_arg = PIPELINE_FAMILIES[kind].cfg_argument
-    w = _number(scale_arg, kwargs.get(scale_arg, params[scale_arg].default), off=" (<= 1: no CFG)")
+    w = _number(scale_arg, kwargs.get(scale_arg, params[scale_arg].default), off=" (<= 1: no CFG)") \
+        if scale_arg else 1.0   # None: the pipeline has no CFG
     rescale = kwargs.get("guidance_rescale") or 0.0
     if w > 1:
         terms.append(_term(CFG, dict(scale=w, rescale=rescale), {scale_arg: w, "guidance_rescale": rescale}))

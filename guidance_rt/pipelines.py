@@ -210,6 +210,11 @@ def check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], 
     cfg = guidances[0].cfg            # every per-sample Guidance has CFG, or none has
     family = PIPELINE_FAMILIES[kind]
     scale_arg = family.cfg_argument
+    if scale_arg is None:   # a pipeline without CFG (guidance-distilled: no unconditional branch)
+        if cfg is not None:
+            raise ValueError(f"{pipe_name} has no classifier-free guidance ({family.title} is guidance-distilled: "
+                             "no unconditional branch); drop the CFG term (NAG takes a negative prompt)")
+        return
     wanted = sorted({g.cfg.scale for g in guidances}) if cfg is not None else [1.0]
     if cfg is not None and wanted[0] <= 1.0:
         raise ValueError(f"guided(): {type(cfg).__name__}(scale={wanted[0]}) needs scale > 1 in a pipeline (drop the CFG "
@@ -279,7 +284,7 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
         t = timestep
     else:
         batch = sample.shape[0]
-        packed = call.pipe.do_classifier_free_guidance
+        packed = PIPELINE_FAMILIES[binding.kind].cfg_argument is not None and call.pipe.do_classifier_free_guidance
         if den.guidance.cfg is not None and not packed:
             raise ValueError(f"{type(call.pipe).__name__} runs without classifier-free guidance "
                              "(e.g. a time_cond_proj_dim model) but the Guidance has a CFG term")

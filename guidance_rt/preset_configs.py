@@ -24,15 +24,13 @@ class Preset:
     tiny: bool
     description: str
     text_len: int = 0  # default text tokens in example_inputs (0: the family's)
-    vae_channels: int = 0  # channels of the unpacked VAE latent, where the config does not say (0: it does)
+    latent_packing: int = 1  # model input channels per VAE latent channel (FLUX.2: 2x2 patches, 4)
 
     @property
     def latent_channels(self) -> int:
         """Channels of the unpacked VAE latent."""
-        if self.vae_channels:
-            return self.vae_channels
         c = self.config["in_channels"]
-        return c // 4 if self.family == "flux" else c
+        return c // 4 if self.family == "flux" else c // self.latent_packing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +98,16 @@ _QWEN_IMAGE = dict(
     guidance_embeds=False, axes_dims_rope=(16, 56, 56),
 )
 
+_FLUX2_DEV = dict(   # Flux2Transformer2DModel's defaults are FLUX.2-dev's published config
+    patch_size=1, in_channels=128, out_channels=None,   # 32 VAE channels in 2x2 patches
+    num_layers=8, num_single_layers=48,
+    attention_head_dim=128, num_attention_heads=48,
+    joint_attention_dim=15360,       # Mistral Small 3.1: 3 hidden layers x 5120
+    timestep_guidance_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6,
+    guidance_embeds=True,
+)
+
 # Width-only overrides for the tiny presets. Channels in/out stay real (4 / 16 / 64), so latents
 # have the real shapes. UNet channels keep the real ratios between levels (SD1.5 1:2:4:4), so the
 # same resnets get a shortcut conv and the module trees match the real ones module for module.
@@ -121,18 +129,21 @@ _TINY_WIDTHS = {
                  pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
     "qwenimage": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                       axes_dims_rope=(4, 6, 6)),
+    "flux2": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,   # 3 x 16
+                  timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4)),
 }
 
 # Text lengths of the tiny presets: shorter than the pipelines' defaults so that text tokens do
 # not dominate a 16x16 latent's 64..256 image tokens; the models accept any length.
-_TINY_TEXT = {"sd3": 77 + 32, "flux": 64, "qwenimage": 16}
+_TINY_TEXT = {"sd3": 77 + 32, "flux": 64, "flux2": 32, "qwenimage": 16}
 
 
-def _preset(name, family, cls, config, latent, tiny, description, text_len=0, vae_channels=0):
-    return Preset(name, family, cls, dict(config), latent, tiny, description, text_len, vae_channels)
+def _preset(name, family, cls, config, latent, tiny, description, text_len=0, latent_packing=1):
+    return Preset(name, family, cls, dict(config), latent, tiny, description, text_len, latent_packing)
 
 
 _UNET, _SD3, _FLUX = "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"
+_FLUX2 = "Flux2Transformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
@@ -160,10 +171,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("tiny-flux", "flux", _FLUX, {**_FLUX_DEV, **_TINY_WIDTHS["flux"]}, (16, 16), True,
             "FLUX.1-dev topology (19 double + 38 single blocks, guidance embedding), tiny widths",
             _TINY_TEXT["flux"]),
+    _preset("flux2-dev", "flux2", _FLUX2, _FLUX2_DEV, (128, 128), False,
+            "FLUX.2-dev (32B, 8 double + 48 single blocks, shared modulation, guidance embedding), 1024px",
+            latent_packing=4),
+    _preset("tiny-flux2", "flux2", _FLUX2, {**_FLUX2_DEV, **_TINY_WIDTHS["flux2"]}, (16, 16), True,
+            "FLUX.2-dev topology (8 double + 48 single blocks, guidance embedding), tiny widths",
+            _TINY_TEXT["flux2"], latent_packing=4),
     _preset("qwen-image", "qwenimage", _QWEN, _QWEN_IMAGE, (128, 128), False,
-            "Qwen-Image MMDiT (20B, 60 dual-stream blocks), 1024px", vae_channels=16),
+            "Qwen-Image MMDiT (20B, 60 dual-stream blocks), 1024px", latent_packing=4),
     _preset("tiny-qwenimage", "qwenimage", _QWEN, {**_QWEN_IMAGE, **_TINY_WIDTHS["qwenimage"]}, (16, 16), True,
-            "Qwen-Image topology (60 dual-stream blocks), tiny widths", _TINY_TEXT["qwenimage"], vae_channels=16),
+            "Qwen-Image topology (60 dual-stream blocks), tiny widths", _TINY_TEXT["qwenimage"], latent_packing=4),
 ]}
 
 

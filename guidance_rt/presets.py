@@ -13,6 +13,8 @@ Conventions (one step, as each stock pipeline calls its denoiser):
 - SD3 / SD3.5: sample (B, 16, H, W); timestep float32 = sigma * 1000.
 - FLUX: sample packed as FluxPipeline packs a (B, 16, H, W) latent: (B, H/2 * W/2, 64);
   timestep = sigma in 0..1 (the transformer multiplies by 1000 itself); img_ids / txt_ids 2-D.
+- FLUX.2: sample packed as Flux2Pipeline packs a (B, 32, H, W) latent: (B, H/2 * W/2, 128);
+  timestep = sigma; img_ids / txt_ids 2-D with 4 axes (t, h, w, l); guidance 4.0; no pooled text.
 H and W are always latent pixels (image pixels / 8).
 """
 from __future__ import annotations
@@ -275,6 +277,66 @@ def _vae(latent_channels: int, *, scaling_factor: float, shift_factor: float | N
         use_quant_conv=quant_conv, use_post_quant_conv=quant_conv).eval()
 
 
+# the FLUX.2 pipeline's chat format, enough for Flux2Pipeline's apply_chat_template: each message's
+# text parts (content given as a string or as [{"type": "text", "text": ...}]) in Mistral's
+# [SYSTEM_PROMPT] / [INST] markers
+_MISTRAL_CHAT = (
+    "{{ bos_token }}{% for m in messages %}{% set c = m['content'] %}"
+    "{% if c is string %}{% set t = c %}{% else %}{% set t = c | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join('') %}{% endif %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ t }}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}"
+    "[INST]{{ t }}[/INST]{% else %}{{ t }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def _mistral_tokenizer():
+    """A byte-level BPE tokenizer with no merges (every byte a token) built with `tokenizers`, with
+    Mistral's special tokens (unk 0, bos 1, eos 2, pad 11 as in Mistral Small 3.1) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"[CONTROL_{i}]" for i in range(3, 11)] + ["<pad>"] + \
+        ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({c: len(specials) + i for i, c in enumerate(bytes_to_unicode().values())})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=512, chat_template=_MISTRAL_CHAT)
+
+
+def _mistral3_text(tokenizer, hidden: int, layers: int = 30):
+    """A tiny Mistral3ForConditionalGeneration (FLUX.2-dev's text encoder class): `layers` language
+    layers, so that Flux2Pipeline's default text_encoder_out_layers (10, 20, 30) exist, and a
+    one-layer Pixtral vision tower (unused for text)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=2 * hidden, max_position_embeddings=512, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=hidden // 2, num_hidden_layers=layers,
+                         rms_norm_eps=1e-5, rope_theta=1e9, sliding_window=None, **ids),
+        vision_config=dict(model_type="pixtral", hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, image_size=32, patch_size=8, num_channels=3),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1, **ids)
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def _flux2_vae(latent_channels: int):
+    """A tiny AutoencoderKLFlux2 with the real 8x downsampling (4 levels)."""
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=128,
+        use_quant_conv=False, use_post_quant_conv=False).eval()
+
+
 def _add_random_lora(model: nn.Module, seed: int) -> None:
     """A rank-4 LoRA on every attention projection, registered through diffusers' peft integration
     (`add_adapter`, so pipe.set_adapters / fuse_lora / lora scale work), with non-zero B so it
@@ -348,6 +410,17 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
                 transformer=denoiser,
                 scheduler=D.FlowMatchEulerDiscreteScheduler(shift=3.0))
             cls = D.StableDiffusion3Pipeline
+        elif preset.family == "flux2":
+            tok = _mistral_tokenizer()
+            parts = dict(
+                vae=_flux2_vae(preset.latent_channels),
+                # the pipeline stacks 3 hidden layers: joint_attention_dim = 3 x the encoder width
+                text_encoder=_mistral3_text(tok, cfg["joint_attention_dim"] // 3), tokenizer=tok,
+                transformer=denoiser,
+                scheduler=D.FlowMatchEulerDiscreteScheduler(   # FLUX.2-dev's scheduler config
+                    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential"))
+            cls = D.Flux2Pipeline
         elif preset.family == "qwenimage":
             tok = _qwen_tokenizer()
             parts = dict(vae=_qwen_vae(preset.latent_channels), text_encoder=_qwen_text(tok, cfg["joint_attention_dim"]),
@@ -377,7 +450,7 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
         _add_random_lora(denoiser, seed + 2)
 
     pipe = cls(**parts)
-    if preset.family in ("flux", "qwenimage"):
+    if preset.family in ("flux", "flux2", "qwenimage"):
         pipe.default_sample_size = preset.latent[0]  # FluxPipeline hard-codes 128 (1024 px)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 # family -> the tiny preset bench runs its standard configurations on (in this order)
-FAMILY_PRESET = {"unet": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux", "qwenimage": "tiny-qwenimage"}
+FAMILY_PRESET = {"unet": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
+FAMILY_PRESET["flux2"] = "tiny-flux2"
+FAMILY_PRESET["qwenimage"] = "tiny-qwenimage"
 
 # (family, name, spec); terms that do not exist in this build (NAG, CSLG) are left out
 STANDARD: list[tuple[str, str, str]] = [
@@ -17,6 +19,10 @@ STANDARD: list[tuple[str, str, str]] = [
     ("flux", "plain", ""),
     ("flux", "NAG", "nag=5"),
     ("flux", "CSLG[3,8,6,10,14]", "slg=2@3,8,6,10,14:0-1:form=cslg"),   # published FLUX text layers
+    ("flux2", "plain", ""),   # FLUX.2-dev is guidance-distilled: no CFG
+    ("flux2", "NAG", "nag=5"),
+    ("flux2", "PAG(1)", "pag=3@1"),
+    ("flux2", "SLG[3,4]", "slg=2.8@3,4:0-1"),
     ("qwenimage", "CFG", "cfg=4"),
     ("qwenimage", "CFG+PAG(1)", "cfg=4 pag=3@1"),
     ("qwenimage", "CFG+SLG[18-23]", "cfg=4 slg=2.8@18-23:0-1"),

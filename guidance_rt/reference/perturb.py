@@ -28,7 +28,7 @@ from ..layers import Layer
 from ..methods import PAG, SEG, SLG, TPG, PerturbationTerm
 from .attention import blur_grid, mean_queries
 from .families import family_for
-from .hooks import hook, return_zeros, set_processor, wrap_forward
+from .hooks import hook, set_processor, wrap_forward
 
 
 # --------------------------------------------------------------------------- branch context
@@ -67,8 +67,10 @@ def _install_seg(stack, inputs: BranchInputs, term: SEG, layer: Layer) -> None:
     attn = _perturbed_attention(inputs, layer, "SEG")
     grid = inputs.family.image_grid(stack, inputs, layer)
     text_first = inputs.family.text_before_image(layer)
+    projection, columns = inputs.family.queries(attn)
 
-    def perturb_query(module, args, query):
+    def perturb_query(module, args, output):
+        query = output if columns is None else output[..., columns]
         height, width = grid()
         n_image = height * width
         if query.shape[1] < n_image:
@@ -83,9 +85,12 @@ def _install_seg(stack, inputs: BranchInputs, term: SEG, layer: Layer) -> None:
             image = mean_queries(image)
         else:
             image = blur_grid(image, height, width, term.sigma)
-        return torch.cat([text, image], dim=1)
+        query = torch.cat([text, image], dim=1)
+        if columns is None:
+            return query
+        return torch.cat([output[..., :columns.start], query, output[..., columns.stop:]], dim=-1)
 
-    hook(stack, attn.to_q, perturb_query)
+    hook(stack, projection, perturb_query)
 
 
 # ----------------------------------------------------------------------------------- TPG
@@ -101,7 +106,7 @@ def _install_tpg(stack, inputs: BranchInputs, term: TPG, layer: Layer, seed: int
         return tokens[:, tpg_permutation(seed, layer, tokens.shape[1], tokens.device)]
 
     wrap_forward(stack, inputs.model.get_submodule(layer.path),
-                 lambda run, arguments: inputs.family.shuffled(run, arguments, shuffle))
+                 lambda run, arguments: inputs.family.shuffled_in(inputs, layer, run, arguments, shuffle))
 
 
 # ----------------------------------------------------------------------------------- SLG
@@ -112,9 +117,7 @@ def _install_slg(stack, inputs: BranchInputs, term: SLG, layer: Layer) -> None:
     if term.skip == "block":
         wrap_forward(stack, block, lambda run, arguments: inputs.family.skipped(block, arguments))
         return
-    for module in inputs.family.skipped_sublayers(block, layer, term.skip):
-        if module is not None:
-            hook(stack, module, return_zeros)
+    inputs.family.install_skip(stack, block, layer, term.skip)
 
 
 # --------------------------------------------------------------------------------- entry

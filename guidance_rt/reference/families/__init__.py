@@ -8,6 +8,7 @@ from ...families import model_family
 from ...layers import UnsupportedModelError
 from .base import Family
 from .flux import FluxFamily
+from .flux2 import Flux2Family
 from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
@@ -16,6 +17,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     UNetFamily(),
     SD3Family(),
     FluxFamily(),
+    Flux2Family(),
     QwenImageFamily(),
 )}
 

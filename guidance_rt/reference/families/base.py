@@ -66,6 +66,11 @@ class Family:
         the forward (a family may learn it only then, through a hook installed on ``stack``)."""
         raise NotImplementedError
 
+    def queries(self, attn: nn.Module) -> tuple[nn.Module, slice | None]:
+        """The module whose output holds ``attn``'s queries (SEG hooks it), and their columns
+        there (None: all of its output)."""
+        return attn.to_q, None
+
     def text_before_image(self, layer: Layer) -> bool:
         """Whether the queries of ``layer``'s attention start with text tokens."""
         return False
@@ -75,6 +80,11 @@ class Family:
         shuffled by ``shuffle``; ``run()`` runs the stock block on ``arguments``."""
         raise NotImplementedError
 
+    def shuffled_in(self, inputs, layer: Layer, run: Callable, arguments: dict, shuffle: Callable):
+        """TPG at ``layer`` of the branch ``inputs`` (BranchInputs): ``shuffled`` unless a family
+        needs the branch's inputs to find a block's image tokens."""
+        return self.shuffled(run, arguments, shuffle)
+
     def skipped(self, block: nn.Module, arguments: dict):
         """SLG skip="block": the block's output when it is bypassed, from its call's arguments."""
         raise NotImplementedError
@@ -82,6 +92,14 @@ class Family:
     def skipped_sublayers(self, block: nn.Module, layer: Layer, skip: str) -> list:
         """SLG skip="attn" / "ff": the modules made to output zeros (None entries are absent)."""
         raise NotImplementedError
+
+    def install_skip(self, stack: contextlib.ExitStack, block: nn.Module, layer: Layer, skip: str) -> None:
+        """SLG skip="attn" / "ff" on ``stack``: by default ``skipped_sublayers`` output zeros."""
+        from ..hooks import hook, return_zeros
+
+        for module in self.skipped_sublayers(block, layer, skip):
+            if module is not None:
+                hook(stack, module, return_zeros)
 
     # --------------------------------------------------------------------------- NAG
 
