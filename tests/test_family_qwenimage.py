@@ -158,3 +158,15 @@ def test_guided_pipeline_nag_pag(pipe):
                           negative_prompt=["blurry", "low quality"]),
                    generator=torch.Generator().manual_seed(0)).images
     assert out.shape[0] == 2 and torch.isfinite(out).all()
+
+
+def test_tiny_preset_keeps_the_topology(tiny_model):
+    """tiny-qwenimage is qwen-image's module tree (60 dual-stream blocks) with tiny widths."""
+    from guidance_rt.preset_configs import PRESETS
+    tiny = tiny_model(NAME)
+    full = presets.build_model("qwen-image", device="meta")
+    kinds = lambda m: [(n, type(x).__name__) for n, x in m.named_modules()]
+    assert kinds(tiny) == kinds(full) and len(tiny.transformer_blocks) == 60
+    assert PRESETS[NAME].latent_channels == PRESETS["qwen-image"].latent_channels == 16
+    inp = presets.example_inputs(NAME)
+    assert inp["sample"].shape == (1, 64, 64) and inp["cond"]["img_shapes"] == [[(1, 8, 8)]]
