@@ -279,9 +279,7 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
     if uncond_call:
         cond, uncond = arguments, None
         if den.guidance.cfg is not None and len(call.encoded) >= 2:
-            neg_embeds, neg_pooled, neg_ids = call.encoded[1]
-            uncond = dict(arguments, encoder_hidden_states=neg_embeds, pooled_projections=neg_pooled,
-                          txt_ids=neg_ids)
+            uncond = PIPELINE_FAMILIES[binding.kind].uncond_arguments(arguments, call.encoded[1])
         batch = sample.shape[0]
         t = timestep
     else:

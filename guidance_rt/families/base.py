@@ -49,6 +49,10 @@ class Adapter:
     # no rotary embedding after SEG's mean: a mean-blurred row's image queries stay identical
     # in its attention (ops.attention_runs)
     mean_identical: ClassVar[bool] = False
+    # the pipeline rescales CFG's guided prediction per token to the cond prediction's norm over
+    # the last (channel) dim (QwenImagePipeline's true CFG): the denoiser does so on every step
+    # with the uncond row, after every term (combine.renorm_to_cond)
+    cfg_renorm: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -93,6 +97,19 @@ class Adapter:
         """NAG's negative prompt through the pipeline's own text encoders (one row): the
         forward arguments it conditions (pipeline class `kind`, its stock class `original_class`)."""
         raise NotImplementedError
+
+    @staticmethod
+    def uncond_arguments(arguments: dict, encoded) -> dict:
+        """With `uncond_call`: the uncond call's forward arguments, from the cond call's and the
+        result of the pipeline's second encode_prompt call (FLUX: embeds, pooled, txt_ids)."""
+        neg_embeds, neg_pooled, neg_ids = encoded
+        return dict(arguments, encoder_hidden_states=neg_embeds, pooled_projections=neg_pooled, txt_ids=neg_ids)
+
+    @staticmethod
+    def pair(uncond: dict, cond: dict) -> tuple[dict, dict]:
+        """uncond and cond forward arguments made packable into one batch (Qwen-Image: text of
+        different lengths padded, with key masks); by default unchanged."""
+        return uncond, cond
 
     @staticmethod
     def example_step(config: dict, batch: int, height: int, width: int, text_len: int, t: float, randn):
