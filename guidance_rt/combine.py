@@ -21,6 +21,15 @@ def rescale(eps: torch.Tensor, cond: torch.Tensor, r: float) -> torch.Tensor:
     return r * (eps * ratio) + (1 - r) * eps
 
 
+def renorm_to_cond(eps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """eps rescaled per token to cond's norm over the last dim (QwenImagePipeline's true CFG:
+    ``comb * |cond| / |comb|``; Adapter.cfg_renorm), in fp32 at least."""
+    acc = torch.promote_types(eps.dtype, torch.float32)
+    e, c = eps.to(acc), cond.to(acc)
+    return (e * (torch.linalg.vector_norm(c, dim=-1, keepdim=True)
+                 / torch.linalg.vector_norm(e, dim=-1, keepdim=True))).to(eps.dtype)
+
+
 def per_sample(value, like: torch.Tensor):
     """A scale as the formula takes it: a number stays a number; a list (one value per sample)
     becomes a tensor that broadcasts against `like`'s samples."""

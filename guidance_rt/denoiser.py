@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import kernels
-from .combine import combine
+from .combine import combine, renorm_to_cond
 from .families import adapter_for
 from .guidance import Guidance
 from .methods import PerturbationTerm
@@ -313,6 +313,8 @@ class GuidedDenoiser:
         elif step == 0:
             state.clear()
         extras = g.cfg.step_extras(sample, batch) if g.cfg is not None and has_uncond else {}
+        if has_uncond:
+            uncond, cond = self.adapter.pair(uncond, cond)
         base = _merge(uncond, cond, "uncond/cond", unbatched) if has_uncond else cond
         out, eps, self.last_rate = (compiled or self.packed_step)(
             plan, sample, t, base, negative if nag else None, weights, self._permutations(plan, generator, sample),
@@ -344,6 +346,8 @@ class GuidedDenoiser:
             out = self.adapter.forward(plan, sample, t, base, perms, negative, nag, extras, **host)
             eps = combine(out, plan, cfg, weights, w, step=step, state=state,
                                    rate=rate if extras else None)
+            if self.adapter.cfg_renorm and plan.has_uncond:
+                eps = renorm_to_cond(eps, out[plan.cond_rows])
         return out, eps, rates[0] if rates else None
 
     @staticmethod

@@ -319,8 +319,9 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs, den
     call.calls += 1
     if uncond_call:
         cond, uncond = arguments, None
-        if den.guidance.cfg is not None:
-            uncond = PIPELINE_FAMILIES[binding.kind].uncond_arguments(call.encoded, arguments)
+        family = PIPELINE_FAMILIES[binding.kind]
+        if den.guidance.cfg is not None and len(call.encoded) > family.uncond_encoding:
+            uncond = family.uncond_arguments(arguments, call.encoded[family.uncond_encoding])
         batch = sample.shape[0]
         t = timestep
     else:

@@ -93,6 +93,13 @@ _FLUX_DEV = dict(
     axes_dims_rope=(16, 56, 56),     # sums to attention_head_dim
 )
 
+_QWEN_IMAGE = dict(
+    patch_size=2, in_channels=64, out_channels=16,   # 16-channel latents in 2x2 patches (packed)
+    num_layers=60, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=3584,        # Qwen2.5-VL-7B hidden size
+    guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)
+
 _FLUX2_DEV = dict(   # Flux2Transformer2DModel's defaults are FLUX.2-dev's published config
     patch_size=1, in_channels=128, out_channels=None,   # 32 VAE channels in 2x2 patches
     num_layers=8, num_single_layers=48,
@@ -136,13 +143,15 @@ _TINY_WIDTHS = {
     "wan": dict(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=16, ffn_dim=48),
     "flux": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                  pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
+    "qwenimage": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                      axes_dims_rope=(4, 6, 6)),
     "flux2": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,   # 3 x 16
                   timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4)),
 }
 
 # Text lengths of the tiny presets: shorter than the pipelines' defaults so that text tokens do
 # not dominate a 16x16 latent's 64..256 image tokens; the models accept any length.
-_TINY_TEXT = {"sd3": 77 + 32, "flux": 64, "flux2": 32, "wan": 16}
+_TINY_TEXT = {"sd3": 77 + 32, "flux": 64, "flux2": 32, "qwenimage": 16, "wan": 16}
 
 
 def _preset(name, family, cls, config, latent, tiny, description, text_len=0, latent_packing=1, frames=0,
@@ -153,6 +162,7 @@ def _preset(name, family, cls, config, latent, tiny, description, text_len=0, la
 
 _UNET, _SD3, _FLUX = "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"
 _FLUX2 = "Flux2Transformer2DModel"
+_QWEN = "QwenImageTransformer2DModel"
 _WAN = "WanTransformer3DModel"
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
@@ -186,6 +196,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("tiny-flux2", "flux2", _FLUX2, {**_FLUX2_DEV, **_TINY_WIDTHS["flux2"]}, (16, 16), True,
             "FLUX.2-dev topology (8 double + 48 single blocks, guidance embedding), tiny widths",
             _TINY_TEXT["flux2"], latent_packing=4),
+    _preset("qwen-image", "qwenimage", _QWEN, _QWEN_IMAGE, (128, 128), False,
+            "Qwen-Image MMDiT (20B, 60 dual-stream blocks), 1024px", latent_packing=4),
+    _preset("tiny-qwenimage", "qwenimage", _QWEN, {**_QWEN_IMAGE, **_TINY_WIDTHS["qwenimage"]}, (16, 16), True,
+            "Qwen-Image topology (60 dual-stream blocks), tiny widths", _TINY_TEXT["qwenimage"], latent_packing=4),
     _preset("wan21-1.3b", "wan", _WAN, _WAN21_1_3B, (60, 104), False,
             "Wan 2.1 T2V 1.3B (30 blocks), 480x832, 81 frames (21 latent frames)", frames=21),
     _preset("wan21-14b", "wan", _WAN, _WAN21_14B, (60, 104), False,

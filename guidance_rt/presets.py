@@ -227,6 +227,49 @@ def _t5_text(tokenizer, d_model: int):
     return T5EncoderModel(config).eval()
 
 
+def _qwen_tokenizer():
+    """A byte-level BPE Qwen2 tokenizer with no merges (every byte a token), with the chat
+    template's special tokens, built with the `tokenizers` library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    out = Qwen2Tokenizer(tokenizer_object=tok, unk_token=None, bos_token=None, eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>")
+    out.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return out
+
+
+def _qwen_text(tokenizer, hidden: int):
+    """A tiny random Qwen2.5-VL (2 text layers, 2 vision layers), as diffusers' pipeline tests
+    (mrope sections sum to half the 16-wide text heads)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={"hidden_size": hidden, "intermediate_size": hidden, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
+                     "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                     "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+                     "rope_theta": 1000000.0},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden},
+        hidden_size=hidden, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _qwen_vae(latent_channels: int):
+    """A tiny AutoencoderKLQwenImage with the real 8x spatial downsampling (3 levels)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=latent_channels, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True], latents_mean=[0.0] * latent_channels,
+                                  latents_std=[1.0] * latent_channels).eval()
+
+
 def _vae(latent_channels: int, *, scaling_factor: float, shift_factor: float | None, quant_conv: bool):
     """A tiny AutoencoderKL with the real 8x downsampling (4 levels)."""
     from diffusers import AutoencoderKL
@@ -354,9 +397,10 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
 
     tiny-sd15 -> StableDiffusionPipeline (DDIM), tiny-sdxl -> StableDiffusionXLPipeline
     (EulerDiscrete), tiny-sd3 / tiny-sd35 -> StableDiffusion3Pipeline, tiny-flux -> FluxPipeline
-    (FlowMatchEulerDiscrete), tiny-wan / tiny-wan22 -> WanPipeline (UniPC flow; tiny-wan22 with
-    two experts, boundary_ratio 0.875; call it with height, width and num_frames: 64, 64, 9 for
-    the preset's 3 x 8 x 8 latent). `controlnet=True` (UNet presets only) gives the ControlNet variant
+    (FlowMatchEulerDiscrete), tiny-qwenimage -> QwenImagePipeline (tiny random Qwen2.5-VL),
+    tiny-wan / tiny-wan22 -> WanPipeline (UniPC flow; tiny-wan22 with two experts, boundary_ratio
+    0.875; call it with height, width and num_frames: 64, 64, 9 for the preset's 3 x 8 x 8
+    latent). `controlnet=True` (UNet presets only) gives the ControlNet variant
     with a random ControlNetModel.from_unet (call it with `image=`, a control image in pixels);
     `lora=True` adds a random LoRA adapter named "tiny-lora" to the denoiser (needs peft).
     Default image size is 8x the preset latent (128 px); progress bars are off.
@@ -420,6 +464,15 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
                     shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                     base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential"))
             cls = D.Flux2Pipeline
+        elif preset.family == "qwenimage":
+            tok = _qwen_tokenizer()
+            parts = dict(vae=_qwen_vae(preset.latent_channels), text_encoder=_qwen_text(tok, cfg["joint_attention_dim"]),
+                         tokenizer=tok, transformer=denoiser,
+                         scheduler=D.FlowMatchEulerDiscreteScheduler(
+                             shift=1.0, use_dynamic_shifting=True, base_shift=math.log(3), max_shift=math.log(3),
+                             base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                             time_shift_type="exponential"))   # Qwen-Image's scheduler config
+            cls = D.QwenImagePipeline
         elif preset.family == "wan":
             parts, cls = _wan_parts(name, preset, denoiser, seed), D.WanPipeline
         else:  # flux
@@ -442,7 +495,7 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
         _add_random_lora(denoiser, seed + 2)
 
     pipe = cls(**parts)
-    if preset.family in ("flux", "flux2"):
+    if preset.family in ("flux", "flux2", "qwenimage"):
         pipe.default_sample_size = preset.latent[0]  # FluxPipeline hard-codes 128 (1024 px)
     if preset.frames:   # a video pipeline defaults to its full size (Wan: 480x832, 81 frames)
         pipe.default_sample_size = preset.latent[0]

@@ -86,13 +86,17 @@ def prepare_diffusers(ctx: Ctx, g: Guidance) -> Prepared:
         if w is None:
             e = _model_call(model, x, t, c)
             return e, e, None
-        if FAMILIES[family].uncond_call:  # FluxPipeline's true CFG, WanPipeline's CFG: two calls at B
+        adapter = FAMILIES[family]
+        if adapter.uncond_call:  # FluxPipeline's / QwenImagePipeline's true CFG, WanPipeline's CFG: two calls at B
             ec = _model_call(model, x, t, c)
             eu = _model_call(model, x, t, u)
         else:
             out = _model_call(model, torch.cat([x, x]), t.repeat(2), _cat([u, c]))
             eu, ec = out.chunk(2)
-        return eu + w * (ec - eu), ec, eu
+        eps = eu + w * (ec - eu)
+        if adapter.cfg_renorm:   # QwenImagePipeline: the per-token norm of the cond prediction
+            eps = eps * (torch.norm(ec, dim=-1, keepdim=True) / torch.norm(eps, dim=-1, keepdim=True))
+        return eps, ec, eu
 
     if not others:
         def fn(inp):

@@ -47,8 +47,11 @@ class Adapter:
     # denoiser call per step (FLUX's true CFG) instead of the uncond half of a doubled batch
     cfg_argument: ClassVar[str] = "guidance_scale"
     uncond_call: ClassVar[bool] = False
-    # with uncond_call: whether the pipeline runs CFG only when given a negative prompt (FLUX)
+    # with uncond_call: whether the pipeline runs CFG only when given a negative prompt (FLUX), and
+    # which of its encode_prompt calls' results holds the negative prompt (FLUX: the second; Wan:
+    # the first and only one, returning both)
     cfg_needs_negative: ClassVar[bool] = True
+    uncond_encoding: ClassVar[int] = 1
     # `guidance-rt generate`: the pipeline's images-per-prompt argument, the output attribute
     # holding its results (a video pipeline's: lists of frames), and the (width, height) in
     # pixels when the pipeline has no default_sample_size and the model no sample_size
@@ -64,6 +67,10 @@ class Adapter:
     # no rotary embedding after SEG's mean: a mean-blurred row's image queries stay identical
     # in its attention (ops.attention_runs)
     mean_identical: ClassVar[bool] = False
+    # the pipeline rescales CFG's guided prediction per token to the cond prediction's norm over
+    # the last (channel) dim (QwenImagePipeline's true CFG): the denoiser does so on every step
+    # with the uncond row, after every term (combine.renorm_to_cond)
+    cfg_renorm: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -110,15 +117,18 @@ class Adapter:
         raise NotImplementedError
 
     @staticmethod
-    def uncond_arguments(encoded: list, arguments: dict) -> dict | None:
-        """With uncond_call: the uncond call's forward arguments, from the cond call's
-        `arguments` and the results of the pipeline's encode_prompt calls so far (`encoded`);
-        None while unknown. This default is FluxPipeline's: one encode_prompt call per prompt,
-        returning (embeds, pooled, text ids), the negative second."""
-        if len(encoded) < 2:
-            return None
-        neg_embeds, neg_pooled, neg_ids = encoded[1]
+    def uncond_arguments(arguments: dict, encoded) -> dict:
+        """With `uncond_call`: the uncond call's forward arguments, from the cond call's and the
+        result of the pipeline's encode_prompt call number `uncond_encoding` (FLUX: the second,
+        embeds, pooled, txt_ids)."""
+        neg_embeds, neg_pooled, neg_ids = encoded
         return dict(arguments, encoder_hidden_states=neg_embeds, pooled_projections=neg_pooled, txt_ids=neg_ids)
+
+    @staticmethod
+    def pair(uncond: dict, cond: dict) -> tuple[dict, dict]:
+        """uncond and cond forward arguments made packable into one batch (Qwen-Image: text of
+        different lengths padded, with key masks); by default unchanged."""
+        return uncond, cond
 
     @staticmethod
     def example_step(config: dict, batch: int, height: int, width: int, text_len: int, t: float, randn):

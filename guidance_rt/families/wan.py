@@ -65,6 +65,7 @@ class WanAdapter(Adapter):
     cfg_argument = "guidance_scale"
     uncond_call = True
     cfg_needs_negative = False    # WanPipeline's negative prompt defaults to ""
+    uncond_encoding = 0           # its one encode_prompt call returns (positive, negative)
     token_timesteps = True        # Wan 2.2 TI2V (expand_timesteps): one timestep per latent token
     batch_argument = "num_videos_per_prompt"
     pipeline_output = "frames"
@@ -92,11 +93,12 @@ class WanAdapter(Adapter):
                                                    else pipe.transformer_2.dtype)}
 
     @staticmethod
-    def uncond_arguments(encoded, arguments):
+    def uncond_arguments(arguments, encoded):
         # WanPipeline.encode_prompt returns (prompt embeds, negative prompt embeds) in one call
-        if not encoded or encoded[0][1] is None:
-            return None
-        return dict(arguments, encoder_hidden_states=encoded[0][1].to(arguments["encoder_hidden_states"].dtype))
+        negative = encoded[1]
+        if negative is None:
+            raise ValueError("WanPipeline encoded no negative prompt but the Guidance has a CFG term")
+        return dict(arguments, encoder_hidden_states=negative.to(arguments["encoder_hidden_states"].dtype))
 
     @staticmethod
     def example_step(config, batch, height, width, text_len, t, randn, frames=1):

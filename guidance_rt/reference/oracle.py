@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..families import model_family, resolve_layers
+from .families import family_for
 from ..guidance import Guidance
 from ..methods import APG, CFG, NAG, PAG, SCFG, SEG, SLG, TPG, CFGZeroStar, Term
 from .apg import apg_prediction
@@ -210,4 +211,10 @@ def step(model: nn.Module, guidance: Guidance, sample: torch.Tensor, timestep, *
     guide = None if formula is None else (lambda u, c, w: formula(cfg, u, c, w, state))
     rescale = cfg.rescale if cfg is not None else 0.0
     rate = scfg_step_rate(guidance, branches)     # S-CFG's rate map, None without it
-    return combine(branches, rescale, dtype=sample.dtype, rate=rate, guide=guide)
+    eps = combine(branches, rescale, dtype=sample.dtype, rate=rate, guide=guide)
+    kinds = {b.kind: b for b in branches}
+    if family_for(model).cfg_renorm and "uncond" in kinds:
+        # |c| / |eps| per token over the last dim, in float64
+        c, e = kinds["cond"].prediction.double(), eps.double()
+        eps = (e * (c.norm(dim=-1, keepdim=True) / e.norm(dim=-1, keepdim=True))).to(eps.dtype)
+    return eps

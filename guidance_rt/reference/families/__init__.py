@@ -9,6 +9,7 @@ from ...layers import UnsupportedModelError
 from .base import Family
 from .flux import FluxFamily
 from .flux2 import Flux2Family
+from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 from .wan import WanFamily
@@ -18,6 +19,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     SD3Family(),
     FluxFamily(),
     Flux2Family(),
+    QwenImageFamily(),
     WanFamily(),
 )}
 

@@ -34,6 +34,9 @@ class Family:
     # through these processors besides the stock ones
     semantic_maps: ClassVar[bool] = False
     semantic_map_processors: ClassVar[tuple[type, ...]] = ()
+    # its pipeline's true CFG rescales the guided prediction per token (last dim) to the cond
+    # prediction's norm whenever the uncond branch runs (oracle.step)
+    cfg_renorm: ClassVar[bool] = False
 
     def check_processor(self, attn: nn.Module, what: str, allowed: tuple[type, ...] = ()) -> None:
         """``attn`` runs a stock processor (or one of ``allowed``) on unfused projections."""
