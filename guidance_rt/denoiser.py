@@ -302,7 +302,7 @@ class GuidedDenoiser:
                 kernels.selfcheck.verify(device)
             compiled = entry[1] = torch.compile(self.packed_step, **self._compile)
         t = to_device(timestep if isinstance(timestep, torch.Tensor) else torch.as_tensor(timestep), device)
-        if t.numel() not in (1, batch):
+        if t.numel() not in (1, batch) and not (self.adapter.token_timesteps and t.dim() == 2 and t.shape[0] == batch):
             raise ValueError(f"timestep must be a scalar or have one value per sample ({batch}), got shape {tuple(t.shape)}")
         ordered = self._ordered(plan, active)
         weights = to_device(kernels.combine_weights(w, [s for _, _, s in ordered], "cpu"), device)
@@ -369,11 +369,22 @@ class GuidedDenoiser:
         for p, bp in sorted(plan.blocks.items()):
             if bp.shuffle:
                 n = self.adapter.image_tokens(sample, p)
-                parts += [torch.randperm(n, generator=torch.Generator("cpu").manual_seed(seeds[term] + p))
+                groups = self.adapter.token_groups(sample, p)
+                parts += [_grouped_randperm(n, groups, torch.Generator("cpu").manual_seed(seeds[term] + p))
                           for _, _, term in bp.shuffle]
                 slots[p] = (offset, len(bp.shuffle), n)
                 offset += len(bp.shuffle) * n
         return Permutations(to_device(torch.cat(parts), sample.device), slots)
+
+
+def _grouped_randperm(n: int, groups: int, generator: torch.Generator) -> torch.Tensor:
+    """A permutation of n tokens that keeps each of `groups` equal consecutive groups (video
+    frames) in place: one randperm per group, in order, from one generator (groups == 1: exactly
+    torch.randperm(n))."""
+    if groups == 1:
+        return torch.randperm(n, generator=generator)
+    size = n // groups
+    return torch.cat([torch.randperm(size, generator=generator) + g * size for g in range(groups)])
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -538,7 +538,7 @@ def check_device(device: torch.device) -> None:
 
 
 def _denoiser(pipe):
-    return getattr(pipe, "unet", None) or pipe.transformer
+    return getattr(pipe, "unet", None) or pipe.transformer or getattr(pipe, "transformer_2", None)
 
 
 def _family(pipe) -> str:
@@ -553,7 +553,9 @@ def _family_class(family: str):
 
 def default_size(pipe) -> tuple[int, int]:
     den = _denoiser(pipe)
-    size = getattr(pipe, "default_sample_size", None) or den.config.sample_size
+    size = getattr(pipe, "default_sample_size", None) or den.config.get("sample_size")
+    if size is None and _family_class(_family(pipe)).default_pixels is not None:
+        return _family_class(_family(pipe)).default_pixels
     if isinstance(size, (tuple, list)):
         size = size[0]
     px = int(size) * int(getattr(pipe, "vae_scale_factor", 8))
@@ -675,13 +677,19 @@ def generate(pipe, settings: Settings, guidance: Guidance) -> list:
         seeds = [settings.seed + i for i in range(settings.batch)]
     first = guidance[0] if isinstance(guidance, list) else guidance
     gens = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    kwargs = dict(_call_kwargs(settings, _family(pipe), first), num_images_per_prompt=len(seeds),
-                  generator=gens)
+    family = _family_class(_family(pipe))
+    kwargs = dict(_call_kwargs(settings, _family(pipe), first), generator=gens)
+    kwargs[family.batch_argument] = len(seeds)
+    if getattr(pipe, "default_num_frames", None):   # a tiny video preset's frames (build_pipeline)
+        kwargs["num_frames"] = pipe.default_num_frames
     extra = {}
     if first.nag is not None:
         extra["nag_negative_prompt"] = settings.nag_negative_prompt
+    if family.pipeline_output != "images":
+        kwargs["output_type"] = "pil"   # a video: each result is its list of PIL frames
     with torch.no_grad(), guided(pipe, guidance, **extra):
-        return list(pipe(**kwargs).images)
+        return [list(x) if isinstance(x, (list, tuple)) else x
+                for x in getattr(pipe(**kwargs), family.pipeline_output)]
 
 
 def png_info(settings: Settings):
@@ -743,9 +751,18 @@ def _parsed(text: str, corrupt: str) -> Settings:
 
 
 def save(image, settings: Settings, path: str) -> str:
+    """An image as a PNG, a video (a list of frames) as an animated PNG, both carrying the
+    settings (read_settings reads either)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image.save(path, pnginfo=png_info(settings))
+    if isinstance(image, list):
+        image[0].save(path, format="PNG", save_all=True, append_images=image[1:], loop=0,
+                      duration=VIDEO_FRAME_MS, pnginfo=png_info(settings))
+    else:
+        image.save(path, pnginfo=png_info(settings))
     return path
+
+
+VIDEO_FRAME_MS = 62   # Wan's 16 frames per second
 
 
 def write_settings(settings: Settings, path: str) -> str:
@@ -918,7 +935,8 @@ def compose_grid(cells: list[Cell], axes: list[Axis], title: str = ""):
 
     cols = len(axes[-1].values) if axes else len(cells)
     rows = math.ceil(len(cells) / cols)
-    w, h = cells[0].image.size
+    still = lambda image: image[0] if isinstance(image, list) else image   # a video: its first frame
+    w, h = still(cells[0].image).size
     font = ImageFont.load_default()
     label_h = 14 * (1 + max(len(_wrap(c.label, w)) for c in cells))
     title_h = 16 if title else 0
@@ -931,7 +949,7 @@ def compose_grid(cells: list[Cell], axes: list[Axis], title: str = ""):
         x, y = col * w, title_h + r * (h + label_h)
         for j, line in enumerate(_wrap(c.label, w)):
             draw.text((x + 3, y + 2 + 14 * j), line, fill="black", font=font)
-        grid.paste(c.image, (x, y + label_h))
+        grid.paste(still(c.image), (x, y + label_h))
     return grid
 
 

@@ -27,7 +27,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def blur_queries(q: torch.Tensor, segments: tuple[Segment, ...], grid, image: slice) -> torch.Tensor:
     """SEG's query perturbations (before the head split) on the image tokens of their rows:
-    a Gaussian blur on the token grid, or the mean for an infinite sigma."""
+    a Gaussian blur on the token grid, or the mean for an infinite sigma. `grid`: (rows, cols),
+    or (frames, rows, cols) for video tokens (frame-major): each frame is blurred (or averaged)
+    on its own grid."""
     if not any(s.variant is not None and s.variant.blur for s in segments):
         return q
     parts = []
@@ -35,8 +37,14 @@ def blur_queries(q: torch.Tensor, segments: tuple[Segment, ...], grid, image: sl
         part = q[s.rows]
         if s.variant is not None and s.variant.blur:
             img = part[:, image]
-            img = (img.mean(1, keepdim=True).expand_as(img) if s.variant.mean
-                   else kernels.query_blur(img, grid[0], grid[1], s.variant.blur))
+            if grid is not None and len(grid) == 3:   # video: one grid per frame
+                flat = img.reshape(img.shape[0] * grid[0], -1, img.shape[-1])
+                flat = (flat.mean(1, keepdim=True).expand_as(flat) if s.variant.mean
+                        else kernels.query_blur(flat, grid[1], grid[2], s.variant.blur))
+                img = flat.reshape(img.shape)
+            else:
+                img = (img.mean(1, keepdim=True).expand_as(img) if s.variant.mean
+                       else kernels.query_blur(img, grid[0], grid[1], s.variant.blur))
             part = part.clone()
             part[:, image] = img
         parts.append(part)

@@ -41,7 +41,7 @@ import contextvars
 import functools
 import inspect
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -73,6 +73,29 @@ class _Binding:
     nag_text: str | None
     original_class: type | None = None   # the pipeline's class before any guided() patch
     last: tuple[Guidance, GuidedDenoiser] | None = None   # without a Guidance: the last call's
+    # the family's further denoisers on the pipeline (Adapter.denoiser_attributes): attribute ->
+    # model, and their denoisers by (attribute, Guidances), made on first use
+    experts: dict = field(default_factory=dict)
+    expert_dens: dict = field(default_factory=dict)
+
+    def models(self) -> list:
+        return [m for m in (self.model, *self.experts.values()) if m is not None]
+
+    def expert_denoisers(self, guidances: tuple[Guidance, ...], kwargs: dict) -> dict[int, GuidedDenoiser]:
+        """id(model) -> the denoiser of every further denoiser of a call: the call's Guidances,
+        with CFG's scale replaced by the expert's own scale argument where the call gives it."""
+        family = PIPELINE_FAMILIES[self.kind]
+        dens = {}
+        for attribute, model in self.experts.items():
+            own = _expert_guidances(guidances, kwargs.get(family.expert_cfg_arguments.get(attribute, "")))
+            key = (attribute, own)
+            with _LOCK:   # calls in several threads share the binding
+                if key not in self.expert_dens:
+                    if len(self.expert_dens) >= 8:
+                        self.expert_dens.pop(next(iter(self.expert_dens)))
+                    self.expert_dens[key] = GuidedDenoiser(model, list(own) if len(own) > 1 else own[0])
+                dens[id(model)] = self.expert_dens[key]
+        return dens
 
     def denoiser_for(self, guidance: Guidance, arguments: dict) -> GuidedDenoiser:
         """The denoiser of a call whose arguments asked for `guidance`; the last one while calls
@@ -100,6 +123,7 @@ class _Call:
         self.encoded: list = []          # FLUX: encode_prompt results (positive, then negative)
         self.pending = None              # FLUX true CFG: eps returned again for the uncond call
         self.negative = None             # NAG negative conditioning, encoded once per call
+        self.dens = {id(binding.model): den} if binding.model is not None else {}   # id(model) -> denoiser
 
 
 @dataclass(eq=False)
@@ -206,6 +230,14 @@ def _split(value, batch: int, half: int):
     return value
 
 
+def _expert_guidances(guidances: tuple[Guidance, ...], scale) -> tuple[Guidance, ...]:
+    """The Guidances of a further denoiser whose own CFG scale argument is `scale` (None: not
+    given, the Guidances as they are): CFG's (or its replacement's) scale set to it."""
+    if scale is None or guidances[0].cfg is None:
+        return guidances
+    return tuple(g.replace(g.terms.index(g.cfg), scale=float(scale)) for g in guidances)
+
+
 def check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], kwargs: dict):
     cfg = guidances[0].cfg            # every per-sample Guidance has CFG, or none has
     family = PIPELINE_FAMILIES[kind]
@@ -229,7 +261,17 @@ def check_arguments(pipe_name: str, kind: str, guidances: tuple[Guidance, ...], 
     rescale = kwargs.get("guidance_rescale")   # rescale is shared by per-sample Guidances
     if rescale not in (None, 0, 0.0) and (cfg is None or rescale != cfg.rescale):
         raise ValueError(f"guidance_rescale={rescale} contradicts the Guidance; use grt.CFG(rescale=...)")
-    if family.uncond_call and cfg is not None and kwargs.get("negative_prompt") is None \
+    for arg in family.expert_cfg_arguments.values():   # a further denoiser's own CFG scale
+        scale = kwargs.get(arg)
+        if scale is None:
+            continue
+        if cfg is None and scale > 1.0:
+            raise ValueError(f"{pipe_name}({arg}={scale}) contradicts the Guidance (no CFG term): "
+                             f"{arg} is the CFG scale of the second denoiser; leave {arg} out or add a CFG term")
+        if cfg is not None and scale <= 1.0:
+            raise ValueError(f"{pipe_name}({arg}={scale}) contradicts the Guidance ({type(cfg).__name__} term): "
+                             f"{arg} replaces its scale on the second denoiser and needs scale > 1 there")
+    if family.uncond_call and family.cfg_needs_negative and cfg is not None and kwargs.get("negative_prompt") is None \
             and kwargs.get("negative_prompt_embeds") is None:
         raise ValueError(f"{pipe_name} with a CFG term needs negative_prompt (true CFG)")
 
@@ -257,16 +299,15 @@ def _patched_forward(model, stock):
 
     def forward(*args, **kwargs):
         call = _CALL.get()
-        if call is None or call.binding.model is not model:
+        if call is None or id(model) not in call.dens:
             return stock(*args, **kwargs)
-        return _guided_forward(call, signature, args, kwargs)
+        return _guided_forward(call, signature, args, kwargs, call.dens[id(model)])
 
     return forward
 
 
-def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
+def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs, den: GuidedDenoiser):
     binding = call.binding
-    den = call.den
     pipe_steps = call.pipe._num_timesteps
     sample, timestep, arguments, return_dict = forward_arguments(signature, args, kwargs)
 
@@ -278,8 +319,9 @@ def _guided_forward(call: _Call, signature: inspect.Signature, args, kwargs):
     call.calls += 1
     if uncond_call:
         cond, uncond = arguments, None
-        if den.guidance.cfg is not None and len(call.encoded) >= 2:
-            uncond = PIPELINE_FAMILIES[binding.kind].uncond_arguments(arguments, call.encoded[1])
+        family = PIPELINE_FAMILIES[binding.kind]
+        if den.guidance.cfg is not None and len(call.encoded) > family.uncond_encoding:
+            uncond = family.uncond_arguments(arguments, call.encoded[family.uncond_encoding])
         batch = sample.shape[0]
         t = timestep
     else:
@@ -355,6 +397,7 @@ def _guided_class(original_class: type) -> type:
             if "guidance_rescale" in params:
                 kwargs["guidance_rescale"] = 0.0   # the Guidance's CFG term rescales
             call = _Call(binding, self, kwargs.get("generator"), den, nag_text)
+            call.dens.update(binding.expert_denoisers(guidances, kwargs))
         with _exclusive(self, original_class.__name__, call is not None):
             # None for a stock call, so that one made inside a guided call (from a callback) runs stock
             token = _CALL.set(call)
@@ -387,20 +430,26 @@ def guided(pipe, guidance: Guidance | list[Guidance] | None = None, *, nag_negat
     and may be open in several threads at once (see the module docstring)."""
     kind = _pipeline_kind(type(pipe))
     model = getattr(pipe, SUPPORTED_PIPELINES[kind])
+    experts = {a: getattr(pipe, a) for a in PIPELINE_FAMILIES[kind].denoiser_attributes
+               if getattr(pipe, a, None) is not None}
+    if model is None and experts:   # e.g. Wan 2.2 with boundary_ratio 1: the second expert only
+        attribute, model = next(iter(experts.items()))
+        del experts[attribute]
     if guidance is None:
         if nag_negative_prompt is not None:
             raise ValueError("guided(pipe, nag_negative_prompt=...) goes with a Guidance that has a NAG term; "
                              "without a Guidance pass nag_scale=... and nag_negative_prompt=... to the call")
-        binding = _Binding(pipe, model, None, kind, None, None)
+        binding = _Binding(pipe, model, None, kind, None, None, experts=experts)
     else:
         guidances = check_per_sample(guidance)
         if guidances[0].nag is not None and nag_negative_prompt is None:
             raise ValueError("the Guidance has a NAG term: pass guided(pipe, guidance, nag_negative_prompt=...) "
                              "(NAG guides away from that prompt)")
         binding = _Binding(pipe, model, GuidedDenoiser(model, guidance), kind, guidances,
-                           nag_negative_prompt if guidances[0].nag is not None else None)
-    with _LOCK:   # the model first: if patching it fails, nothing is left patched
-        _acquire(_MODELS, model, _patch_forward)
+                           nag_negative_prompt if guidances[0].nag is not None else None, experts=experts)
+    with _LOCK:   # the models first: if patching them fails, nothing is left patched
+        for m in binding.models():
+            _acquire(_MODELS, m, _patch_forward)
         binding.original_class = _acquire(_PIPES, pipe, _swap_class)
     try:
         _BOUND.set(_BOUND.get() + (binding,))
@@ -410,4 +459,5 @@ def guided(pipe, guidance: Guidance | list[Guidance] | None = None, *, nag_negat
         _BOUND.set(tuple(b for b in _BOUND.get() if b is not binding))
         with _LOCK:
             _release(_PIPES, pipe)
-            _release(_MODELS, model)
+            for m in binding.models():
+                _release(_MODELS, m)

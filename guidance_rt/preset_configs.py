@@ -25,6 +25,8 @@ class Preset:
     description: str
     text_len: int = 0  # default text tokens in example_inputs (0: the family's)
     latent_packing: int = 1  # model input channels per VAE latent channel (FLUX.2: 2x2 patches, 4)
+    frames: int = 0    # latent frames of a video preset (0: an image preset)
+    experts: int = 1   # denoisers of its pipeline (Wan 2.2 A14B: transformer, transformer_2)
 
     @property
     def latent_channels(self) -> int:
@@ -108,6 +110,18 @@ _FLUX2_DEV = dict(   # Flux2Transformer2DModel's defaults are FLUX.2-dev's publi
     guidance_embeds=True,
 )
 
+# Wan (WanTransformer3DModel): the published diffusers configs of Wan-AI/Wan2.1-T2V-1.3B-Diffusers,
+# Wan2.1-T2V-14B-Diffusers and Wan2.2-T2V-A14B-Diffusers (each of the two experts is a 14B model of
+# the Wan 2.1 14B shape); UMT5-XXL text (4096 wide), 16-channel Wan VAE latent (4x temporal, 8x
+# spatial compression: 480x832, 81 frames -> 21 x 60 x 104 latent)
+_WAN21_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+)
+_WAN21_14B = dict(_WAN21_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+_WAN22_A14B = dict(_WAN21_14B)   # per expert
+
 # Width-only overrides for the tiny presets. Channels in/out stay real (4 / 16 / 64), so latents
 # have the real shapes. UNet channels keep the real ratios between levels (SD1.5 1:2:4:4), so the
 # same resnets get a shortcut conv and the module trees match the real ones module for module.
@@ -125,6 +139,8 @@ _TINY_WIDTHS = {
     "sd35": dict(sample_size=16, attention_head_dim=8, num_attention_heads=4,
                  joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
                  pos_embed_max_size=64),
+    # head dim 12: Wan's rotary embedding splits it into 4 (frames) + 4 (rows) + 4 (cols)
+    "wan": dict(num_attention_heads=2, attention_head_dim=12, text_dim=32, freq_dim=16, ffn_dim=48),
     "flux": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                  pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
     "qwenimage": dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -135,16 +151,19 @@ _TINY_WIDTHS = {
 
 # Text lengths of the tiny presets: shorter than the pipelines' defaults so that text tokens do
 # not dominate a 16x16 latent's 64..256 image tokens; the models accept any length.
-_TINY_TEXT = {"sd3": 77 + 32, "flux": 64, "flux2": 32, "qwenimage": 16}
+_TINY_TEXT = {"sd3": 77 + 32, "flux": 64, "flux2": 32, "qwenimage": 16, "wan": 16}
 
 
-def _preset(name, family, cls, config, latent, tiny, description, text_len=0, latent_packing=1):
-    return Preset(name, family, cls, dict(config), latent, tiny, description, text_len, latent_packing)
+def _preset(name, family, cls, config, latent, tiny, description, text_len=0, latent_packing=1, frames=0,
+            experts=1):
+    return Preset(name, family, cls, dict(config), latent, tiny, description, text_len, latent_packing, frames,
+                  experts)
 
 
 _UNET, _SD3, _FLUX = "UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel"
 _FLUX2 = "Flux2Transformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
+_WAN = "WanTransformer3DModel"
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("sd15", "unet", _UNET, _SD15, (64, 64), False,
@@ -181,6 +200,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
             "Qwen-Image MMDiT (20B, 60 dual-stream blocks), 1024px", latent_packing=4),
     _preset("tiny-qwenimage", "qwenimage", _QWEN, {**_QWEN_IMAGE, **_TINY_WIDTHS["qwenimage"]}, (16, 16), True,
             "Qwen-Image topology (60 dual-stream blocks), tiny widths", _TINY_TEXT["qwenimage"], latent_packing=4),
+    _preset("wan21-1.3b", "wan", _WAN, _WAN21_1_3B, (60, 104), False,
+            "Wan 2.1 T2V 1.3B (30 blocks), 480x832, 81 frames (21 latent frames)", frames=21),
+    _preset("wan21-14b", "wan", _WAN, _WAN21_14B, (60, 104), False,
+            "Wan 2.1 T2V 14B (40 blocks), 480x832, 81 frames (21 latent frames)", frames=21),
+    _preset("wan22-a14b", "wan", _WAN, _WAN22_A14B, (60, 104), False,
+            "Wan 2.2 T2V A14B (two 14B experts of 40 blocks, boundary 0.875), 480x832, 81 frames; "
+            "bench counts one expert's step", frames=21, experts=2),
+    _preset("tiny-wan", "wan", _WAN, {**_WAN21_1_3B, **_TINY_WIDTHS["wan"]}, (8, 8), True,
+            "Wan 2.1 T2V 1.3B topology (30 blocks), tiny widths, 3 latent frames", _TINY_TEXT["wan"], frames=3),
+    _preset("tiny-wan22", "wan", _WAN, {**_WAN22_A14B, **_TINY_WIDTHS["wan"]}, (8, 8), True,
+            "Wan 2.2 T2V A14B topology (two experts of 40 blocks, boundary 0.875), tiny widths, "
+            "3 latent frames", _TINY_TEXT["wan"], frames=3, experts=2),
 ]}
 
 

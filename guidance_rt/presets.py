@@ -15,6 +15,8 @@ Conventions (one step, as each stock pipeline calls its denoiser):
   timestep = sigma in 0..1 (the transformer multiplies by 1000 itself); img_ids / txt_ids 2-D.
 - FLUX.2: sample packed as Flux2Pipeline packs a (B, 32, H, W) latent: (B, H/2 * W/2, 128);
   timestep = sigma; img_ids / txt_ids 2-D with 4 axes (t, h, w, l); guidance 4.0; no pooled text.
+- Wan: sample (B, 16, F, H, W), F latent frames (the preset's `frames`); timestep float32 =
+  the scheduler's t in 0..1000 (Wan 2.2 TI2V: one per latent token, (B, tokens)); UMT5 text.
 H and W are always latent pixels (image pixels / 8).
 """
 from __future__ import annotations
@@ -127,7 +129,7 @@ def _preset_of(model: nn.Module) -> Preset | None:
 
 def example_inputs(name_or_model, *, batch: int = 1, height: int | None = None, width: int | None = None,
                    seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
-                   t: float = 0.5, text_len: int | None = None) -> dict:
+                   t: float = 0.5, text_len: int | None = None, frames: int | None = None) -> dict:
     """One denoising step's inputs, in the conventions of the model's stock pipeline.
 
     Returns {"sample", "timestep", "cond", "uncond", "negative", "height", "width"}: cond / uncond /
@@ -135,7 +137,8 @@ def example_inputs(name_or_model, *, batch: int = 1, height: int | None = None, 
     same keys and shapes and distinct random text embeddings (shared position ids, time ids and
     FLUX guidance, as in the pipelines). `height`/`width` are latent pixels (default: the preset's,
     or the config's sample_size for an unknown model); `t` is the noise level in (0, 1): sigma
-    for SD3/FLUX, t * 999 rounded for a UNet. Tensors are batch-major with batch `batch`, except
+    for SD3/FLUX, t * 999 rounded for a UNet. `frames`: latent frames of a video model (default:
+    the preset's). Tensors are batch-major with batch `batch`, except
     FLUX's 2-D img_ids / txt_ids. Random values come from a CPU generator, so they do not depend
     on `device`.
     """
@@ -163,7 +166,9 @@ def example_inputs(name_or_model, *, batch: int = 1, height: int | None = None, 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    sample, timestep, branch = family_cls.example_step(cfg, batch, h, w, text_len, t, randn)
+    frames = frames or (preset.frames if preset is not None else 0)   # video presets: latent frames
+    sample, timestep, branch = family_cls.example_step(cfg, batch, h, w, text_len, t, randn,
+                                                       **({"frames": frames} if frames else {}))
     cond, uncond, negative = branch(), branch(), branch()
     return {"sample": sample, "timestep": timestep, "cond": cond, "uncond": uncond,
             "negative": negative, "height": h, "width": w}
@@ -337,6 +342,41 @@ def _flux2_vae(latent_channels: int):
         use_quant_conv=False, use_post_quant_conv=False).eval()
 
 
+def _umt5_text(tokenizer, d_model: int):
+    """A tiny random UMT5 encoder (Wan's text encoder is UMT5-XXL)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=2 * d_model, d_kv=8,
+                        num_heads=d_model // 8, num_layers=2, relative_attention_num_buckets=8,
+                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return UMT5EncoderModel(config).eval()
+
+
+def _wan_vae(latent_channels: int):
+    """A tiny AutoencoderKLWan with the real compression: 4x in time (2 temporal downsamples),
+    8x in space (3 levels); as diffusers' own Wan pipeline tests build it."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=3, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def _wan_parts(name: str, preset: Preset, denoiser: nn.Module, seed: int) -> dict:
+    """WanPipeline's components around a tiny Wan preset (two experts for a Wan 2.2 A14B one)."""
+    import diffusers as D
+
+    tok = _t5_tokenizer()
+    parts = dict(
+        tokenizer=tok, text_encoder=_umt5_text(tok, preset.config["text_dim"]),
+        vae=_wan_vae(preset.latent_channels), transformer=denoiser,
+        # Wan 2.1 / 2.2's published scheduler: UniPC on flow sigmas, shift 3 (480p)
+        scheduler=D.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            flow_shift=3.0))
+    if preset.experts == 2:
+        parts.update(transformer_2=build_model(name, seed=seed + 1), boundary_ratio=0.875)
+    return parts
+
+
 def _add_random_lora(model: nn.Module, seed: int) -> None:
     """A rank-4 LoRA on every attention projection, registered through diffusers' peft integration
     (`add_adapter`, so pipe.set_adapters / fuse_lora / lora scale work), with non-zero B so it
@@ -357,7 +397,10 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
 
     tiny-sd15 -> StableDiffusionPipeline (DDIM), tiny-sdxl -> StableDiffusionXLPipeline
     (EulerDiscrete), tiny-sd3 / tiny-sd35 -> StableDiffusion3Pipeline, tiny-flux -> FluxPipeline
-    (FlowMatchEulerDiscrete), tiny-qwenimage -> QwenImagePipeline (tiny random Qwen2.5-VL). `controlnet=True` (UNet presets only) gives the ControlNet variant
+    (FlowMatchEulerDiscrete), tiny-qwenimage -> QwenImagePipeline (tiny random Qwen2.5-VL),
+    tiny-wan / tiny-wan22 -> WanPipeline (UniPC flow; tiny-wan22 with two experts, boundary_ratio
+    0.875; call it with height, width and num_frames: 64, 64, 9 for the preset's 3 x 8 x 8
+    latent). `controlnet=True` (UNet presets only) gives the ControlNet variant
     with a random ControlNetModel.from_unet (call it with `image=`, a control image in pixels);
     `lora=True` adds a random LoRA adapter named "tiny-lora" to the denoiser (needs peft).
     Default image size is 8x the preset latent (128 px); progress bars are off.
@@ -430,6 +473,8 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
                              base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
                              time_shift_type="exponential"))   # Qwen-Image's scheduler config
             cls = D.QwenImagePipeline
+        elif preset.family == "wan":
+            parts, cls = _wan_parts(name, preset, denoiser, seed), D.WanPipeline
         else:  # flux
             tok, tok2 = _clip_tokenizer(), _t5_tokenizer()
             parts = dict(
@@ -452,5 +497,8 @@ def build_pipeline(name: str, *, seed: int = 0, controlnet: bool = False, lora: 
     pipe = cls(**parts)
     if preset.family in ("flux", "flux2", "qwenimage"):
         pipe.default_sample_size = preset.latent[0]  # FluxPipeline hard-codes 128 (1024 px)
+    if preset.frames:   # a video pipeline defaults to its full size (Wan: 480x832, 81 frames)
+        pipe.default_sample_size = preset.latent[0]
+        pipe.default_num_frames = (preset.frames - 1) * pipe.vae_scale_factor_temporal + 1
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -6,6 +6,7 @@ from __future__ import annotations
 FAMILY_PRESET = {"unet": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
 FAMILY_PRESET["flux2"] = "tiny-flux2"
 FAMILY_PRESET["qwenimage"] = "tiny-qwenimage"
+FAMILY_PRESET["wan"] = "tiny-wan"
 
 # (family, name, spec); terms that do not exist in this build (NAG, CSLG) are left out
 STANDARD: list[tuple[str, str, str]] = [
@@ -27,6 +28,10 @@ STANDARD: list[tuple[str, str, str]] = [
     ("qwenimage", "CFG+PAG(1)", "cfg=4 pag=3@1"),
     ("qwenimage", "CFG+SLG[18-23]", "cfg=4 slg=2.8@18-23:0-1"),
     ("qwenimage", "CFG+NAG", "cfg=4 nag=5"),
+    ("wan", "CFG", "cfg=5"),
+    ("wan", "CFG+SLG[10]", "cfg=5 slg=3@10:0.1-1"),   # the community's Wan SLG (block 10, from 10%)
+    ("wan", "CFG+PAG[10]", "cfg=5 pag=3@10"),
+    ("wan", "CFG+NAG", "cfg=5 nag=5"),
 ]
 IMPLEMENTATIONS = ("guidance-rt", "reference", "diffusers-pipelines", "diffusers-guiders")
 

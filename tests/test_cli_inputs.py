@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from guidance_rt import generate, presets, spec
 from guidance_rt.cli import main
+from guidance_rt.preset_configs import TINY
 from tests.test_spec import _fuzz_cases
 
 MAX_SEED = 2**64 - 1
@@ -369,7 +370,8 @@ def test_boundary_seed_and_sizes_pass(reaches_build):
 def test_each_subcommand_takes_the_presets_it_can_run(capsys, no_build):
     """generate builds tiny presets only: a full-size one is a usage error, listing the tiny ones,
     and its --help lists only those; spec and layers take every preset."""
-    tiny = "tiny-sd15, tiny-sdxl, tiny-sd3, tiny-sd35, tiny-flux"
+    tiny = ", ".join(TINY)   # every tiny preset, in the table's order
+    assert tiny.startswith("tiny-sd15, tiny-sdxl, tiny-sd3, tiny-sd35, tiny-flux")
     assert _error(capsys, ["generate", "--preset", "sdxl"]) == (
         f"argument --preset: 'sdxl' is not a tiny preset; generate builds {tiny} (random weights); a real "
         "model goes in --model (see guidance-rt generate --help)")

@@ -87,7 +87,7 @@ def prepare_diffusers(ctx: Ctx, g: Guidance) -> Prepared:
             e = _model_call(model, x, t, c)
             return e, e, None
         adapter = FAMILIES[family]
-        if adapter.uncond_call:  # FluxPipeline's / QwenImagePipeline's true CFG: two calls at B
+        if adapter.uncond_call:  # FluxPipeline's / QwenImagePipeline's true CFG, WanPipeline's CFG: two calls at B
             ec = _model_call(model, x, t, c)
             eu = _model_call(model, x, t, u)
         else:

@@ -12,9 +12,11 @@ from .flux2 import Flux2Adapter
 from .qwenimage import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .unet import UNetAdapter
+from .wan import WanAdapter
 
 FAMILIES: dict[str, type[Adapter]] = {cls.name: cls for cls in (UNetAdapter, SD3Adapter, FluxAdapter,
                                                                Flux2Adapter, QwenImageAdapter)}
+FAMILIES[WanAdapter.name] = WanAdapter
 
 SUPPORTED_CLASSES = {c: family.name for family in FAMILIES.values() for c in family.classes}
 # pipeline class -> the family of its denoiser, and the attribute holding it

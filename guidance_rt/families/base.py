@@ -27,6 +27,11 @@ class Adapter:
     classes: ClassVar[tuple[str, ...]] = ()        # diffusers model classes it serves
     pipelines: ClassVar[tuple[str, ...]] = ()      # diffusers pipeline classes guided() wraps
     denoiser_attribute: ClassVar[str] = "transformer"   # the pipeline's attribute holding the model
+    # further attributes holding denoisers of the same family that the pipeline switches to
+    # (Wan 2.2's transformer_2), guided alike; absent or None ones are skipped
+    denoiser_attributes: ClassVar[tuple[str, ...]] = ()
+    # such an attribute -> the pipeline argument giving its own CFG scale (Wan: guidance_scale_2)
+    expert_cfg_arguments: ClassVar[dict] = {}
     # layer addressing: bare integers address blocks; part names that address all their blocks
     by_index: ClassVar[bool] = True
     parts: ClassVar[tuple[str, ...]] = ()
@@ -42,9 +47,22 @@ class Adapter:
     # denoiser call per step (FLUX's true CFG) instead of the uncond half of a doubled batch
     cfg_argument: ClassVar[str] = "guidance_scale"
     uncond_call: ClassVar[bool] = False
+    # with uncond_call: whether the pipeline runs CFG only when given a negative prompt (FLUX), and
+    # which of its encode_prompt calls' results holds the negative prompt (FLUX: the second; Wan:
+    # the first and only one, returning both)
+    cfg_needs_negative: ClassVar[bool] = True
+    uncond_encoding: ClassVar[int] = 1
+    # `guidance-rt generate`: the pipeline's images-per-prompt argument, the output attribute
+    # holding its results (a video pipeline's: lists of frames), and the (width, height) in
+    # pixels when the pipeline has no default_sample_size and the model no sample_size
+    batch_argument: ClassVar[str] = "num_images_per_prompt"
+    pipeline_output: ClassVar[str] = "images"
+    default_pixels: ClassVar[tuple[int, int] | None] = None
     # what methods may ask of it: its timestep is a sigma in 0..1 (not 0..1000); its forward
     # collects S-CFG's semantic maps
     sigma_timesteps: ClassVar[bool] = False
+    # its forward also takes a timestep per sample and token, (batch, tokens) (Wan 2.2 TI2V)
+    token_timesteps: ClassVar[bool] = False
     semantic_maps: ClassVar[bool] = False
     # no rotary embedding after SEG's mean: a mean-blurred row's image queries stay identical
     # in its attention (ops.attention_runs)
@@ -101,7 +119,8 @@ class Adapter:
     @staticmethod
     def uncond_arguments(arguments: dict, encoded) -> dict:
         """With `uncond_call`: the uncond call's forward arguments, from the cond call's and the
-        result of the pipeline's second encode_prompt call (FLUX: embeds, pooled, txt_ids)."""
+        result of the pipeline's encode_prompt call number `uncond_encoding` (FLUX: the second,
+        embeds, pooled, txt_ids)."""
         neg_embeds, neg_pooled, neg_ids = encoded
         return dict(arguments, encoder_hidden_states=neg_embeds, pooled_projections=neg_pooled, txt_ids=neg_ids)
 
@@ -151,6 +170,11 @@ class Adapter:
     def image_tokens(self, sample: torch.Tensor, position: int) -> int:
         """The image tokens block `position` sees for this sample (TPG permutes that many)."""
         raise NotImplementedError
+
+    def token_groups(self, sample: torch.Tensor, position: int) -> int:
+        """Equal consecutive groups of those image tokens that TPG shuffles each within itself
+        (video: the frames); 1: one permutation of all of them."""
+        return 1
 
     # ---------------------------------------------------------------- the step
 

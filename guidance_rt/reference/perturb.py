@@ -71,21 +71,23 @@ def _install_seg(stack, inputs: BranchInputs, term: SEG, layer: Layer) -> None:
 
     def perturb_query(module, args, output):
         query = output if columns is None else output[..., columns]
-        height, width = grid()
-        n_image = height * width
+        shape = grid()   # (rows, cols), or (frames, rows, cols): video frames, each its own image
+        frames, (height, width) = (shape[0], shape[1:]) if len(shape) == 3 else (1, shape)
+        n_image = frames * height * width
         if query.shape[1] < n_image:
             raise ValueError(f"reference SEG: {query.shape[1]} query tokens at {layer.path}, "
-                             f"expected {n_image} image tokens ({height}x{width})")
+                             f"expected {n_image} image tokens ({frames}x{height}x{width})")
         # image tokens: all of them, unless the family puts text first at this layer
         split = query.shape[1] - n_image
         text, image = query[:, :split], query[:, split:]
         if split and not text_first:
             raise ValueError(f"reference SEG: unexpected token count at {layer.path}")
+        per_frame = [image[:, f * height * width:(f + 1) * height * width] for f in range(frames)]
         if term.infinite:
-            image = mean_queries(image)
+            per_frame = [mean_queries(x) for x in per_frame]
         else:
-            image = blur_grid(image, height, width, term.sigma)
-        query = torch.cat([text, image], dim=1)
+            per_frame = [blur_grid(x, height, width, term.sigma) for x in per_frame]
+        query = torch.cat([text, *per_frame], dim=1)
         if columns is None:
             return query
         return torch.cat([output[..., :columns.start], query, output[..., columns.stop:]], dim=-1)
@@ -96,14 +98,25 @@ def _install_seg(stack, inputs: BranchInputs, term: SEG, layer: Layer) -> None:
 # ----------------------------------------------------------------------------------- TPG
 
 
-def tpg_permutation(seed: int, layer: Layer, n_tokens: int, device) -> torch.Tensor:
+def tpg_permutation(seed: int, layer: Layer, n_tokens: int, device, groups: int = 1) -> torch.Tensor:
+    """The layer's token permutation. With `groups` > 1 (video frames) the tokens form that many
+    equal consecutive groups and each is permuted within itself, group after group, from the
+    same generator."""
     generator = torch.Generator("cpu").manual_seed(seed + layer.position)
-    return torch.randperm(n_tokens, generator=generator).to(device)
+    if groups == 1:
+        return torch.randperm(n_tokens, generator=generator).to(device)
+    size = n_tokens // groups
+    order = []
+    for g in range(groups):
+        order.extend((g * size + torch.randperm(size, generator=generator)).tolist())
+    return torch.tensor(order, dtype=torch.long, device=device)
 
 
 def _install_tpg(stack, inputs: BranchInputs, term: TPG, layer: Layer, seed: int) -> None:
+    groups = inputs.family.token_groups(inputs, layer)
+
     def shuffle(tokens):
-        return tokens[:, tpg_permutation(seed, layer, tokens.shape[1], tokens.device)]
+        return tokens[:, tpg_permutation(seed, layer, tokens.shape[1], tokens.device, groups)]
 
     wrap_forward(stack, inputs.model.get_submodule(layer.path),
                  lambda run, arguments: inputs.family.shuffled_in(inputs, layer, run, arguments, shuffle))

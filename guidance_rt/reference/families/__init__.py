@@ -12,6 +12,7 @@ from .flux2 import Flux2Family
 from .qwenimage import QwenImageFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
+from .wan import WanFamily
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     UNetFamily(),
@@ -19,6 +20,7 @@ FAMILIES: dict[str, Family] = {family.name: family for family in (
     FluxFamily(),
     Flux2Family(),
     QwenImageFamily(),
+    WanFamily(),
 )}
 
 

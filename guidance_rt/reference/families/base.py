@@ -63,13 +63,19 @@ class Family:
     def image_grid(self, stack: contextlib.ExitStack, inputs,
                    layer: Layer) -> Callable[[], tuple[int, int]]:
         """(rows, cols) of the image tokens at ``layer``, row-major, as a function read during
-        the forward (a family may learn it only then, through a hook installed on ``stack``)."""
+        the forward (a family may learn it only then, through a hook installed on ``stack``);
+        (frames, rows, cols) for video tokens, frame-major: SEG blurs each frame on its own."""
         raise NotImplementedError
 
     def queries(self, attn: nn.Module) -> tuple[nn.Module, slice | None]:
         """The module whose output holds ``attn``'s queries (SEG hooks it), and their columns
         there (None: all of its output)."""
         return attn.to_q, None
+
+    def token_groups(self, inputs, layer: Layer) -> int:
+        """TPG: the equal consecutive groups of image tokens each permuted within itself (video
+        frames); 1: one permutation of all of them."""
+        return 1
 
     def text_before_image(self, layer: Layer) -> bool:
         """Whether the queries of ``layer``'s attention start with text tokens."""
