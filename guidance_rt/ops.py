@@ -120,7 +120,7 @@ def _row_tables(segments: tuple[Segment, ...], rows: int, heads: int, device: to
                 mask[s.rows, list(v.heads)] = True
         elif v.mean and mean_identical:
             mode[s.rows] = kernels.MEAN
-    return mode.to(device), beta.to(device), mask.to(device)
+    return kernels.table_to(mode, device), beta.to(device), kernels.table_to(mask, device)
 
 
 def shift_segments(segments: tuple[Segment, ...], start: int) -> tuple[Segment, ...]:

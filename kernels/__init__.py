@@ -6,7 +6,7 @@ kernels/README.md for the API and the semantics of each op.
 """
 if __name__ == "guidance_rt.kernels":
     from ._common import HAS_TRITON, INTERPRET, triton_on_cpu
-    from .attention import IDENTITY, MEAN, NORMAL, SOFT, variant_attention
+    from .attention import IDENTITY, MEAN, NORMAL, SOFT, table_to, variant_attention
     from .blur import query_blur, seg_kernel_size
     from .combine import combine_weights, guidance_combine
     from .nag import nag_attention, nag_combine
@@ -15,7 +15,7 @@ if __name__ == "guidance_rt.kernels":
 
     __all__ = [
         "HAS_TRITON", "INTERPRET", "triton_on_cpu",
-        "NORMAL", "IDENTITY", "SOFT", "MEAN", "variant_attention",
+        "NORMAL", "IDENTITY", "SOFT", "MEAN", "variant_attention", "table_to",
         "query_blur", "seg_kernel_size",
         "nag_attention", "nag_combine",
         "token_shuffle",

@@ -33,6 +33,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._common import (HAS_TRITON, define_op, interp_bf16, jit, next_pow2, poison_, tl, triton,
                       use_triton)
@@ -366,6 +368,56 @@ def _check_inputs(dtype, device):
     beta = torch.tensor([1.0, 1.0, 0.3, 1.0])
     head_mask = torch.tensor([[True, True], [True, True], [True, False], [True, True]])
     return [(q, k, v, mode, beta, head_mask, img_lo, img_hi)]
+
+
+# ---------------------------------------------------------------- FLOPs
+
+# per-row tables on the meta device (FLOP counts of full-size models) -> their host values,
+# which the formula below needs and a meta tensor does not hold
+_HOST_TABLES = WeakIdKeyDictionary()
+
+
+def table_to(table: torch.Tensor, device) -> torch.Tensor:
+    """A per-row table (mode, head_mask) on `device`; on the meta device its values stay known to
+    the FLOP formula."""
+    out = table.to(device)
+    if out.device.type == "meta":
+        _HOST_TABLES[out] = table
+    return out
+
+
+def _values(table: torch.Tensor) -> list:
+    return (_HOST_TABLES.get(table, table) if table.device.type == "meta" else table).tolist()
+
+
+@register_flop_formula([torch.ops.guidance_rt.variant_attention, torch.ops.guidance_rt.variant_attention_torch],
+                       get_raw=True)
+def variant_attention_flops(q, k, v, mode, beta, head_mask, img_lo, img_hi, *args, out_shape=None, **kwargs) -> int:
+    """The work each row's mode asks for (torch.utils.flop_counter; 2 FLOPs per multiply-add, as
+    its SDPA formula): a query against a key is a dot product (d) and a weighted sum (dv).
+    NORMAL: every query against every key. IDENTITY: image queries against their own key and the
+    text keys, nothing at all without text (out = V). SOFT: NORMAL plus IDENTITY on the chosen
+    heads. MEAN: one image query row."""
+    rows, heads, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[3]
+    n_img = max(0, min(img_hi, nq) - max(img_lo, 0))
+    text_q, text_k = nq - n_img, nk - n_img
+    pair = 2 * (d + dv)
+    normal = nq * nk * pair
+    identity = text_q * nk * pair + (n_img * (1 + text_k) * pair if text_k else 0)
+    mean = text_q * nk * pair + (nk * pair if n_img else 0)
+    total = 0
+    masks = _values(head_mask)
+    for r, m in enumerate(_values(mode)):
+        if m == IDENTITY:
+            total += heads * identity
+        elif m == SOFT:
+            total += heads * normal + sum(masks[r]) * identity
+        elif m == MEAN:
+            total += heads * mean
+        else:
+            total += heads * normal
+    return total
 
 
 def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: torch.Tensor,

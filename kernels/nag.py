@@ -39,6 +39,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from ._common import (HAS_TRITON, define_op, interp_bf16, jit, next_pow2, poison_, tl, triton,
                       use_triton)
@@ -247,6 +248,14 @@ def _check_inputs(dtype, device):
     k_pos, v_pos = (heads(g, 2, n_pos, 3, d, dtype) for _ in range(2))
     k_neg, v_neg = (heads(g, 2, n_neg, 3, d, dtype) for _ in range(2))
     return [(q, k_pos, v_pos, k_neg, v_neg, 3.0, 2.5, 0.5, 1)]
+
+
+@register_flop_formula([torch.ops.guidance_rt.nag_attention, torch.ops.guidance_rt.nag_attention_torch])
+def nag_attention_flops(q_shape, kp_shape, vp_shape, kn_shape, vn_shape, *args, out_shape=None, **kwargs) -> int:
+    """Two attentions with the same queries (torch.utils.flop_counter's SDPA count for each); the
+    blend is elementwise, as is nag_combine (no formula: no FLOPs counted)."""
+    rows, heads, nq, d = q_shape
+    return 2 * rows * heads * nq * (kp_shape[2] * (d + vp_shape[3]) + kn_shape[2] * (d + vn_shape[3]))
 
 
 def nag_attention(q: torch.Tensor, k_pos: torch.Tensor, v_pos: torch.Tensor, k_neg: torch.Tensor,

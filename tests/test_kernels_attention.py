@@ -135,3 +135,46 @@ def test_mean_rows_use_one_query(image):
     check(out.cpu(), ref.cpu())
     check(variant_attention(q.cpu(), k.cpu(), v.cpu(), mode.cpu(), beta.cpu(), head_mask.cpu(), image),
           ref.cpu())
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_flop_formula_counts_what_each_mode_computes():
+    """The bench's floors count the op by its formula (a custom op is opaque to the FLOP counter):
+    NORMAL rows as torch's SDPA formula, PAG as its image queries' own key plus the text keys (and
+    nothing without text), SoftPAG as both on its heads, MEAN as one image query; the same on the
+    meta device, where only the plan's host copy of the tables holds the modes."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    from guidance_rt import ops
+    from guidance_rt.effects import AttnVariant, Segment
+
+    rows, heads, n, d, text = 2, 3, 23, 8, 5
+    q = torch.randn(rows, heads, n, d)
+    sdpa = sdpa_flop_count(q.shape, q.shape, q.shape)
+    mode = lambda m: torch.full((rows,), m, dtype=torch.int32)
+    assert _flops(lambda: variant_attention(q, q, q, mode(NORMAL))) == sdpa
+    assert _flops(lambda: variant_attention(q, q, q, mode(IDENTITY))) == 0
+    pair = 4 * d                                     # a dot product and a weighted sum, 2 FLOPs each
+    image = n - text                                 # image tokens [text, n)
+    pag = rows * heads * (text * n + image * (1 + text)) * pair
+    assert _flops(lambda: variant_attention(q, q, q, mode(IDENTITY), image=(text, n))) == pag
+    assert _flops(lambda: variant_attention(q, q, q, mode(MEAN), image=(text, n))) == rows * heads * (text + 1) * n * pair
+    one_head = torch.tensor([[True, False, False]] * rows)
+    soft = variant_attention(q, q, q, mode(SOFT), torch.full((rows,), 0.5), one_head, image=(text, n))
+    assert _flops(lambda: variant_attention(q, q, q, mode(SOFT), torch.full((rows,), 0.5), one_head,
+                                            image=(text, n))) == sdpa + pag // heads
+    assert torch.isfinite(soft).all()
+
+    segments = (Segment(0, 1, AttnVariant(pag=1.0)), Segment(1, 2, AttnVariant(pag=0.5, heads=(0,))))
+    counts = []
+    for device in ("cpu", "meta"):
+        runs = ops.attention_runs(segments, heads, torch.device(device), mean_identical=False)
+        x = q.to(device)
+        counts.append(_flops(lambda: ops.variant_attention(x, x, x, runs, slice(text, None))))
+    assert counts[0] == counts[1] == pag // rows + sdpa // rows + pag // rows // heads

@@ -193,3 +193,15 @@ def test_combine_rejects_bad_arguments():
         nag_combine(zp, zp, 3.0, norm=3)
     with pytest.raises(ValueError, match=r"\(R, N, C\)"):
         nag_combine(zp, zp[:, :2], 3.0)
+
+
+def test_flop_formula_is_two_attentions():
+    """The bench's floors count the op as torch's SDPA formula for the positive and the negative
+    attention (the blend is elementwise)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    q, kp, kn = torch.randn(2, 3, 11, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 5, 8)
+    with FlopCounterMode(display=False) as counter:
+        nag_attention(q, kp, kp, kn, kn, phi=3.0)
+    assert counter.get_total_flops() == sdpa_flop_count(q.shape, kp.shape, kp.shape) + \
+        sdpa_flop_count(q.shape, kn.shape, kn.shape)
