@@ -15,7 +15,7 @@ import json
 import sys
 
 from .preset_configs import PRESETS, TINY, preset_problem, tiny_preset_problem
-from .standard import IMPLEMENTATIONS, standard_names
+from .standard import FAMILY_PRESET, IMPLEMENTATIONS, standard_names
 
 GUIDANCE_HELP = ("guidance: a spec such as 'cfg=5 pag=3@mid seg=3@mid:sigma=inf "
                  "slg=2.8@7,8,9:0.01-0.2', JSON, or a file holding either (grammar: README)")
@@ -97,8 +97,8 @@ def add_bench(sub) -> None:
                     "process on the same inputs; ratio to a CFG-only step, its FLOP floor, "
                     "efficiency, peak memory and throughput.")
     p.add_argument("--preset", default="tiny",
-                   help="comma-separated presets or local model folders (default 'tiny': tiny-sdxl "
-                        f"and tiny-sd3, plus tiny-flux when NAG exists); presets: {', '.join(PRESETS)}")
+                   help="comma-separated presets or local model folders (default 'tiny': each "
+                        f"family's bench preset, {', '.join(FAMILY_PRESET.values())}); presets: {', '.join(PRESETS)}")
     p.add_argument("--guidance", action="append", metavar="SPEC",
                    help=f"configuration (repeatable): a standard name ({names}) or a {GUIDANCE_HELP}; "
                         "default: the standard set of the preset's family")

@@ -32,7 +32,7 @@ class Preset:
     def latent_channels(self) -> int:
         """Channels of the unpacked VAE latent."""
         c = self.config["in_channels"]
-        return c // 4 if self.family == "flux" else c // self.latent_packing
+        return c // self.latent_packing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +165,8 @@ _FLUX2 = "Flux2Transformer2DModel"
 _QWEN = "QwenImageTransformer2DModel"
 _WAN = "WanTransformer3DModel"
 
-PRESETS: dict[str, Preset] = {p.name: p for p in [
+# full-size presets first, then the tiny ones, each in family order
+PRESETS: dict[str, Preset] = {p.name: p for p in sorted([
     _preset("sd15", "unet", _UNET, _SD15, (64, 64), False,
             "Stable Diffusion 1.5 UNet (860M), 512px"),
     _preset("sdxl", "unet", _UNET, _SDXL, (128, 128), False,
@@ -177,7 +178,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("sd35-large", "sd3", _SD3, _SD35_LARGE, (128, 128), False,
             "SD3.5-large MMDiT (8B, 38 blocks, rms qk norm), 1024px"),
     _preset("flux-dev", "flux", _FLUX, _FLUX_DEV, (128, 128), False,
-            "FLUX.1-dev (12B, 19 double + 38 single blocks, guidance embedding), 1024px"),
+            "FLUX.1-dev (12B, 19 double + 38 single blocks, guidance embedding), 1024px", latent_packing=4),
     _preset("tiny-sd15", "unet", _UNET, {**_SD15, **_TINY_WIDTHS["sd15"]}, (16, 16), True,
             "SD1.5 topology (6 down / 1 mid / 9 up transformer blocks), tiny widths"),
     _preset("tiny-sdxl", "unet", _UNET, {**_SDXL, **_TINY_WIDTHS["sdxl"]}, (16, 16), True,
@@ -189,7 +190,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
             _TINY_TEXT["sd3"]),
     _preset("tiny-flux", "flux", _FLUX, {**_FLUX_DEV, **_TINY_WIDTHS["flux"]}, (16, 16), True,
             "FLUX.1-dev topology (19 double + 38 single blocks, guidance embedding), tiny widths",
-            _TINY_TEXT["flux"]),
+            _TINY_TEXT["flux"], latent_packing=4),
     _preset("flux2-dev", "flux2", _FLUX2, _FLUX2_DEV, (128, 128), False,
             "FLUX.2-dev (32B, 8 double + 48 single blocks, shared modulation, guidance embedding), 1024px",
             latent_packing=4),
@@ -212,7 +213,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _preset("tiny-wan22", "wan", _WAN, {**_WAN22_A14B, **_TINY_WIDTHS["wan"]}, (8, 8), True,
             "Wan 2.2 T2V A14B topology (two experts of 40 blocks, boundary 0.875), tiny widths, "
             "3 latent frames", _TINY_TEXT["wan"], frames=3, experts=2),
-]}
+], key=lambda p: p.tiny)}
 
 
 def preset_problem(name: str) -> str | None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 # family -> the tiny preset bench runs its standard configurations on (in this order)
-FAMILY_PRESET = {"unet": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
-FAMILY_PRESET["flux2"] = "tiny-flux2"
-FAMILY_PRESET["qwenimage"] = "tiny-qwenimage"
-FAMILY_PRESET["wan"] = "tiny-wan"
+FAMILY_PRESET = {"unet": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux", "flux2": "tiny-flux2",
+                 "qwenimage": "tiny-qwenimage", "wan": "tiny-wan"}
 
-# (family, name, spec); terms that do not exist in this build (NAG, CSLG) are left out
+# (family, name, spec)
 STANDARD: list[tuple[str, str, str]] = [
     ("unet", "CFG", "cfg=5"),
     ("unet", "CFG+PAG(mid)", "cfg=5 pag=3@mid"),

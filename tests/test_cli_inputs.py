@@ -381,7 +381,7 @@ def test_each_subcommand_takes_the_presets_it_can_run(capsys, no_build):
     for command in ("spec", "layers"):
         assert main([command, "--help"]) == 0
         text = "".join(capsys.readouterr().out.split())
-        assert "sd35-large,flux-dev,tiny-sd15" in text, command
+        assert "flux-dev,flux2-dev,qwen-image,wan21-1.3b,wan21-14b,wan22-a14b,tiny-sd15" in text, command
     assert "both(default)" in text   # layers --help: the default mode
     assert _error(capsys, ["layers", "--preset", "tiny-nothing"], "layers").startswith(
         "argument --preset: unknown preset 'tiny-nothing'; known: sd15, sdxl")
