@@ -21,8 +21,10 @@ __all__ = ["sdpa", "blur_queries", "variant_attention", "attention_runs", "shift
            "scatter_rows", "token_shuffle", "guidance_combine", "nag_attention", "nag_combine"]
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA; `key_mask` (R, Nk) bool: True where the key takes part (None: all keys)."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
 
 def blur_queries(q: torch.Tensor, segments: tuple[Segment, ...], grid, image: slice) -> torch.Tensor:
@@ -51,19 +53,23 @@ def blur_queries(q: torch.Tensor, segments: tuple[Segment, ...], grid, image: sl
     return torch.cat(parts)
 
 
-def variant_attention(q, k, v, runs: tuple, image: slice | None = None) -> torch.Tensor:
+def variant_attention(q, k, v, runs: tuple, image: slice | None = None,
+                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention with per-row variants. q, k, v: (R, H, N, d) after the query blur; `runs`:
     attention_runs of the rows' segments (() when all are plain). `image`: the image tokens of a
-    joint (MM-DiT) sequence, None for self-attention (PAG's map is then the identity)."""
+    joint (MM-DiT) sequence, None for self-attention (PAG's map is then the identity).
+    `key_mask` (R, Nk) bool: True where the key takes part (None: all keys); image keys must not
+    be masked in PAG rows (kernels.variant_attention)."""
     if not runs:
-        return sdpa(q, k, v)
+        return sdpa(q, k, v, key_mask)
     span = None if image is None else (image.start or 0, q.shape[2] if image.stop is None else image.stop)
     outs = []
     for lo, hi, tables in runs:
+        mask = None if key_mask is None else key_mask[lo:hi]
         if tables is None:
-            outs.append(sdpa(q[lo:hi], k[lo:hi], v[lo:hi]))
+            outs.append(sdpa(q[lo:hi], k[lo:hi], v[lo:hi], mask))
         else:
-            outs.append(kernels.variant_attention(q[lo:hi], k[lo:hi], v[lo:hi], *tables, span))
+            outs.append(kernels.variant_attention(q[lo:hi], k[lo:hi], v[lo:hi], *tables, span, mask))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

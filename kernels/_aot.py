@@ -35,7 +35,8 @@ H100_SHARED = 232448          # bytes of shared memory one block may use on sm_9
 def _step(K, img):
     """Every op once, on the shapes of `_inputs`."""
 
-    def step(q, k, v, mode, beta, head_mask, perms, table, index, preds, weights, kn, vn, rate):
+    def step(q, k, v, mode, beta, head_mask, perms, table, index, preds, weights, kn, vn, rate,
+             key_mask):
         rows, heads, n, d = q.shape
         x = q.transpose(1, 2).reshape(rows, n, heads * d)
         xb = K.query_blur(x, 64, (img[1] - img[0]) // 64, 3.0, img[0])
@@ -44,8 +45,9 @@ def _step(K, img):
         qb = xs.view(rows, n, heads, d).transpose(1, 2)
         o = K.variant_attention(qb, k, v, mode, beta, head_mask, img)
         o2 = K.variant_attention(qb, k, v, mode, beta, head_mask, (0, n))
+        o3 = K.variant_attention(qb, k, v, mode, beta, head_mask, img, key_mask)   # HAS_KMASK
         z = K.nag_attention(qb, k, v, kn, vn, 3.0, 2.5, 0.5, 1)
-        g = K.gather_rows(o + o2 + z, index)
+        g = K.gather_rows(o + o2 + o3 + z, index)
         s = K.scatter_rows(o, index, g)
         e1 = K.guidance_combine(preds * s.mean(), weights, 1, True, 0.5, rate)
         e2 = K.guidance_combine(preds, weights, 1, True, 0.0, None)
@@ -65,7 +67,8 @@ def _inputs(d: int, dtype: torch.dtype, device: str):
     args = (*qkv, mk(rows, dt=torch.int32), mk(rows, dt=torch.float32),
             mk(rows, heads, dt=torch.bool), mk(2, img[1] - img[0], dt=torch.int64),
             mk(rows, dt=torch.int64), mk(2, dt=torch.int64), mk(3, 4, 128, 128, dt=dtype),
-            mk(2, dt=torch.float32), *neg, mk(1, 1, 128, 128, dt=torch.float32))
+            mk(2, dt=torch.float32), *neg, mk(1, 1, 128, 128, dt=torch.float32),
+            mk(rows, n, dt=torch.bool))
     return args, img
 
 

@@ -77,17 +77,21 @@ if HAS_TRITON:
 
     @jit
     def _attend(m, l, acc, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                lo, hi, offs_m, offs_d, mask_d, img_lo, img_hi, scale,
-                MASK_IMAGE: tl.constexpr, BLOCK_N: tl.constexpr, INTERP_BF16: tl.constexpr,
-                F32_3X: tl.constexpr):
+                kmask_base, stride_kmn, lo, hi, offs_m, offs_d, mask_d, img_lo, img_hi, scale,
+                MASK_IMAGE: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                INTERP_BF16: tl.constexpr, F32_3X: tl.constexpr):
         """Keys [lo, hi) into the running softmax. MASK_IMAGE: drop image-query x image-key pairs
-        (the PAG map; the diagonal is seeded by the caller)."""
+        (the PAG map; the diagonal is seeded by the caller). HAS_KMASK: drop the keys whose entry
+        at kmask_base + n * stride_kmn is 0 (without it, kmask_base is never read)."""
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             valid_n = offs_n < hi
             s = _logits(q, k_base, stride_kn, stride_kd, offs_n, valid_n, offs_d, mask_d, scale,
                         INTERP_BF16, F32_3X)
             allowed = valid_n[None, :]
+            if HAS_KMASK:
+                keep = tl.load(kmask_base + offs_n * stride_kmn, mask=valid_n, other=0) != 0
+                allowed = allowed & keep[None, :]
             if MASK_IMAGE:
                 q_img = (offs_m >= img_lo) & (offs_m < img_hi)
                 k_img = (offs_n >= img_lo) & (offs_n < img_hi)

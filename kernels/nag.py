@@ -63,8 +63,10 @@ if HAS_TRITON:
         m = tl.full([BLOCK_M], _NEG, tl.float32)
         l = tl.full([BLOCK_M], 0.0, tl.float32)
         acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-        m, l, acc = _attend(m, l, acc, q, K, V, s_kn, s_kd, s_vn, s_vd, 0, NK, offs_m, offs_d,
-                            mask_d, 0, 0, scale, False, BLOCK_N, INTERP_BF16, F32_3X)
+        # no key mask (HAS_KMASK False): K stands in for the mask pointer, never read
+        m, l, acc = _attend(m, l, acc, q, K, V, s_kn, s_kd, s_vn, s_vd, K, 0, 0, NK, offs_m,
+                            offs_d, mask_d, 0, 0, scale, False, False, BLOCK_N, INTERP_BF16,
+                            F32_3X)
         return acc / tl.where(l > 0, l, 1.0)[:, None]
 
     @jit

@@ -30,10 +30,13 @@ def test_cuda_launches_compile_for_h100(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads(out.read_text())
     assert {r["kernel"] for r in results} == KERNELS
-    # both specialisations of the variant attention, with and without text tokens
-    specs = {(r["constexprs"]["PAG_MAP"], r["constexprs"]["HAS_TEXT"]) for r in results
-             if r["kernel"] == "_variant_attention_fwd"}
-    assert specs == {("False", "False"), ("False", "True"), ("True", "True")}
+    # both specialisations of the variant attention, with and without text tokens, and with a
+    # key mask (joint attention)
+    specs = {(r["constexprs"]["PAG_MAP"], r["constexprs"]["HAS_TEXT"], r["constexprs"]["HAS_KMASK"])
+             for r in results if r["kernel"] == "_variant_attention_fwd"}
+    assert specs == {("False", "False", "False"), ("False", "True", "False"), ("True", "True", "False"),
+                     ("False", "True", "True"), ("True", "True", "True")}
+    assert {r["constexprs"]["HAS_KMASK"] for r in results if r["kernel"] == "_mean_partials"} == {"False", "True"}
     for r in results:
         assert r["spill_stack"] == 0, r
         assert r["shared"] <= 232448, r

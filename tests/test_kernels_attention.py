@@ -3,7 +3,7 @@
 Every mode mixed in one packed batch (NORMAL, IDENTITY, SOFT with a head subset, MEAN), with
 plain self-attention and with a joint [text, image, text] token layout; odd token counts and head
 dims (not block multiples), one and several heads, fp32/fp16/bf16, strided (R, N, H, d) inputs,
-poisoned outputs and scratch.
+poisoned outputs and scratch; key masks on the text keys in every mode.
 """
 from __future__ import annotations
 
@@ -13,17 +13,19 @@ import pytest
 import torch
 
 from .test_kernels_common import DEVICE, DTYPES, check, triton_run
+from .tolerance import FORMULA_ULPS, tolerance
 
 from guidance_rt.kernels import IDENTITY, MEAN, NORMAL, SOFT, variant_attention  # noqa: E402
 
 MODES = [NORMAL, IDENTITY, SOFT, MEAN, SOFT, IDENTITY, NORMAL]
 
 
-def reference(q, k, v, mode, beta, head_mask, image, dtype=torch.float64):
+def reference(q, k, v, mode, beta, head_mask, image, dtype=torch.float64, key_mask=None):
     """Explicit attention maps. PAG's map: image query i may see key j iff j is not an image key,
     or j == i (methods.md 2; diffusers' MM-DiT form); with no text that is the identity. SOFT:
     (1 - beta) A + beta A_pag on the selected heads. MEAN rows: plain attention (their image
-    queries were made identical by the test, as the op's contract asks)."""
+    queries were made identical by the test, as the op's contract asks). `key_mask` (R, Nk):
+    row r's queries see no key j with key_mask[r, j] False, in both maps."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
     n, nk, d = q.shape[2], k.shape[2], q.shape[3]
     lo, hi = image if image is not None else (0, nk)
@@ -31,6 +33,8 @@ def reference(q, k, v, mode, beta, head_mask, image, dtype=torch.float64):
     qi, ki = torch.arange(n), torch.arange(nk)
     img_q, img_k = (qi >= lo) & (qi < hi), (ki >= lo) & (ki < hi)
     allowed = ~(img_q[:, None] & img_k[None, :]) | (qi[:, None] == ki[None, :])
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     normal = torch.softmax(logits.float(), -1).to(dtype) @ v
     pag = torch.softmax(logits.float().masked_fill(~allowed, float("-inf")), -1).to(dtype) @ v
     out = normal.clone()
@@ -170,6 +174,12 @@ def test_flop_formula_counts_what_each_mode_computes():
     assert _flops(lambda: variant_attention(q, q, q, mode(SOFT), torch.full((rows,), 0.5), one_head,
                                             image=(text, n))) == sdpa + pag // heads
     assert torch.isfinite(soft).all()
+    # a key mask: only each row's unmasked keys count (here 2 text keys of row 1)
+    keep = torch.ones(rows, n, dtype=torch.bool)
+    keep[1, :2] = False
+    assert _flops(lambda: variant_attention(q, q, q, mode(NORMAL), key_mask=keep)) == sdpa - heads * n * 2 * pair
+    assert _flops(lambda: variant_attention(q, q, q, mode(IDENTITY), image=(text, n), key_mask=keep)) == \
+        pag - heads * (text + image) * 2 * pair
 
     segments = (Segment(0, 1, AttnVariant(pag=1.0)), Segment(1, 2, AttnVariant(pag=0.5, heads=(0,))))
     counts = []
@@ -178,3 +188,49 @@ def test_flop_formula_counts_what_each_mode_computes():
         x = q.to(device)
         counts.append(_flops(lambda: ops.variant_attention(x, x, x, runs, slice(text, None))))
     assert counts[0] == counts[1] == pag // rows + sdpa // rows + pag // rows // heads
+
+
+MASKED_MODES = [NORMAL, IDENTITY, SOFT, MEAN, NORMAL]
+
+
+def masked_inputs(dtype):
+    """37 tokens [text 0-5, image 6-32, text 33-36]: in the interpreter three query and key
+    blocks, the middle query block all image (the PAG map's text-only loops) and MEAN's keys in
+    two splits; rows mask different text keys of the first and last key block, the last row
+    none."""
+    n, image = 37, (6, 33)
+    q, k, v, mode, beta, head_mask = make_inputs(MASKED_MODES, 2, n, 24, dtype, image, seed=23)
+    key_mask = torch.ones(len(MASKED_MODES), n, dtype=torch.bool)
+    key_mask[:4, [1, 34]] = False
+    key_mask[1:4, [4, 5, 36]] = False
+    return (q, k, v, mode, beta, head_mask, image), key_mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["pytorch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_key_mask_every_mode(dtype, triton):
+    """A key mask in every mode against the float64 reference (whose NORMAL rows are checked
+    against SDPA's attn_mask too), on the PyTorch path (CPU) and the Triton kernels."""
+    args, key_mask = masked_inputs(dtype)
+    cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+    if triton:
+        with triton_run():
+            out = variant_attention(*args, key_mask=key_mask)
+    else:
+        out = variant_attention(*cpu, key_mask=key_mask.cpu())
+    ref = reference(*cpu, key_mask=key_mask.cpu())
+    check(out.cpu(), ref, reference(*cpu, dtype, key_mask=key_mask.cpu()), dim=0, what=f"{dtype}")
+    q, k, v = (t.double() for t in cpu[:3])
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask.cpu()[:, None, None, :])
+    normal = [r for r, m in enumerate(MASKED_MODES) if m == NORMAL]
+    check(ref[normal], sdpa[normal], what="reference vs SDPA")
+
+
+def test_key_mask_changes_output():
+    """Masked keys change exactly the rows that have some, in every mode."""
+    args, key_mask = masked_inputs(torch.float32)
+    masked = variant_attention(*args, key_mask=key_mask)
+    plain = variant_attention(*args)
+    diff = (masked - plain).abs().flatten(1).amax(1)
+    assert (diff[:4] > 1e3 * tolerance(masked, plain, FORMULA_ULPS)).all(), diff
+    assert diff[4] == 0

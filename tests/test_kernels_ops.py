@@ -23,6 +23,7 @@ def _args():
         q=q, k=k, v=v, kn=kn, vn=vn,
         mode=torch.tensor([K.NORMAL, K.IDENTITY, K.MEAN], dtype=torch.int32),
         beta=torch.full((R,), 0.5), head_mask=torch.ones(R, H, dtype=torch.bool),
+        key_mask=torch.arange(N).expand(R, N) != torch.tensor([[0], [1], [N]]),   # text keys 0, 1
         x=rnd(R, N, H * D), perms=torch.stack([torch.randperm(N - 2, generator=g)]),
         table=torch.tensor([-1, 0, -1]), index=torch.tensor([0, 2]),
         preds=rnd(3, 4, 5), weights=torch.tensor([5.0, 2.0]), rate=0.8 + rnd(1, 4, 1).abs())
@@ -34,6 +35,8 @@ def _op_cases():
     return {
         "variant_attention": (ops.variant_attention, (a["q"], a["k"], a["v"], a["mode"], a["beta"],
                                                       a["head_mask"], 2, N)),
+        "variant_attention_kmask": (ops.variant_attention, (a["q"], a["k"], a["v"], a["mode"], a["beta"],
+                                                            a["head_mask"], 2, N, a["key_mask"])),
         "query_blur": (ops.query_blur, (a["x"], 2, 5, 1.0, 1)),
         "query_blur_mean": (ops.query_blur, (a["x"], 2, 5, 1e7, 1)),
         "nag_attention": (ops.nag_attention, (a["q"], a["k"], a["v"], a["kn"], a["vn"], 3.0, 2.5, 0.5, 1)),
@@ -49,22 +52,24 @@ def _op_cases():
 def test_opcheck(name):
     op, args = _op_cases()[name]
     opcheck(op, args)                                               # the public triton_op
-    op_name = name.replace("_mean", "")
+    op_name = name.replace("_mean", "").replace("_kmask", "")
     opcheck(getattr(torch.ops.guidance_rt, op_name + "_torch"), args)   # its PyTorch op
 
 
-def test_opcheck_with_triton_kernels():
+@pytest.mark.parametrize("name", ["variant_attention", "variant_attention_kmask"])
+def test_opcheck_with_triton_kernels(name):
     """The same checks while eager calls run the Triton kernels (interpreted on CPU)."""
-    op, args = _op_cases()["variant_attention"]
+    op, args = _op_cases()[name]
     with triton_run():
         opcheck(op, args)
 
 
-def _step(q, k, v, kn, vn, mode, beta, head_mask, x, perms, table, index, preds, weights, rate):
+def _step(q, k, v, kn, vn, mode, beta, head_mask, key_mask, x, perms, table, index, preds, weights, rate):
     xb = K.query_blur(x, 2, 5, 1.0, 1)
     xs = K.token_shuffle(xb, perms, table, 2)
     qb = K.nag_combine(xs, xb, 3.0, 2.5, 0.5).view(R, N, H, D).transpose(1, 2)
     o = K.variant_attention(qb, k, v, mode, beta, head_mask, (2, N))
+    o = o + K.variant_attention(qb, k, v, mode, beta, head_mask, (2, N), key_mask)
     z = K.nag_attention(qb, k, v, kn, vn, 3.0, 2.5, 0.5)
     g = K.gather_rows(o + z, index)
     s = K.scatter_rows(o, index, g * 2)

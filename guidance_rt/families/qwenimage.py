@@ -22,9 +22,8 @@ and the positive one differ, and a batch of prompts is zero-padded with
 (exact: padded keys get no weight, the text's rotary positions start at 0 for both), and the
 forward masks the text keys of every row with its own mask. The per-row mask rides along with
 the timestep embedding as extra columns, so that every row subset the shared block loop takes
-(forks, run rows, NAG's positive rows) carries its own mask. Rows served by SDPA get the mask as
-attn_mask; PAG rows (the variant attention op, which has no key mask) get one extra key channel
-holding 0 / -large per key (an exact key mask for the same scaled dot product).
+(forks, run rows, NAG's positive rows) carries its own mask, which both attention paths take as
+a key mask (SDPA's attn_mask, the variant attention op's key_mask).
 
 CFG: QwenImagePipeline's true CFG is a second transformer call per step (`uncond_call`) and its
 guided prediction is rescaled per token to the cond prediction's norm (`cfg_renorm`, applied by
@@ -37,10 +36,9 @@ ControlNet residuals and additional_t_cond at call time.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-from .. import kernels, ops
+from .. import ops
 from ..layers import Layer
 from .dit import DiTAdapter, NagStream
 from .flux import pack_flux_latents
@@ -78,35 +76,9 @@ def _pad_text(d: dict, length: int, need_mask: bool) -> dict:
 
 def masked_attention(q, k, v, runs: tuple, image: slice, mask: torch.Tensor | None) -> torch.Tensor:
     """ops.variant_attention with a key mask (R, L) over the first L keys (the text), or None."""
-    if mask is None:
-        return ops.variant_attention(q, k, v, runs, image)
-    n = k.shape[2]
-    keep = torch.cat([mask, mask.new_ones(mask.shape[0], n - mask.shape[1])], 1)   # (R, keys)
-    if not runs:
-        runs = ((0, q.shape[0], None),)
-    span = (image.start or 0, n)
-    outs = []
-    for lo, hi, tables in runs:
-        m = keep[lo:hi]
-        if tables is None:
-            outs.append(F.scaled_dot_product_attention(q[lo:hi], k[lo:hi], v[lo:hi], attn_mask=m[:, None, None, :]))
-            continue
-        # the op has no key mask: one extra channel (queries 1, keys 0 / -large), padded to a
-        # multiple of 16; the queries are scaled so that the product keeps its 1/sqrt(d) scale
-        d = q.shape[-1]
-        pad = 16
-        scale = ((d + pad) / d) ** 0.5
-        rows, heads, nq = q[lo:hi].shape[:3]
-        extra_q = q.new_zeros(rows, heads, nq, pad)
-        extra_q[..., 0] = 1.0
-        extra_k = k.new_zeros(rows, heads, n, pad)
-        big = -0.25 * torch.finfo(k.dtype).max if k.dtype == torch.float16 else -1e30
-        extra_k[..., 0] = torch.where(m[:, None, :], 0.0, big).to(k.dtype)
-        qq = torch.cat([q[lo:hi] * scale, extra_q], -1)
-        kk = torch.cat([k[lo:hi], extra_k], -1)
-        vv = torch.cat([v[lo:hi], v.new_zeros(rows, heads, n, pad)], -1)
-        outs.append(kernels.variant_attention(qq, kk, vv, *tables, span)[..., :d])
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], k.shape[2] - mask.shape[1])], 1)
+    return ops.variant_attention(q, k, v, runs, image, mask)
 
 
 class QwenImageAdapter(DiTAdapter):
