@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+import guidance_rt as grt
 from guidance_rt import presets
 
 # tiny models: one intra-op thread is fastest, and stays fast when the 2 CI cores are shared
@@ -56,3 +57,14 @@ def model_state(model) -> dict:
     forwards = {n: ("forward" in m.__dict__) for n, m in model.named_modules()}
     return {"procs": procs, "hooks": hooks, "forwards": forwards, "training": model.training,
             "params": {n: p.data_ptr() for n, p in model.named_parameters()}}
+
+
+def packed_and_reference(model, guidance, inp: dict, seed: int = 0):
+    """One step of presets.example_inputs `inp` (step 0 of 1), packed and by the sequential
+    reference, with TPG's generator seeded alike."""
+    kw = dict(cond=inp["cond"], uncond=inp["uncond"], negative=inp["negative"], step=0, num_steps=1)
+    packed = grt.GuidedDenoiser(model, guidance)(inp["sample"], inp["timestep"],
+                                                  generator=torch.Generator().manual_seed(seed), **kw)
+    ref = grt.reference.step(model, guidance, inp["sample"], inp["timestep"],
+                             generator=torch.Generator().manual_seed(seed), **kw)
+    return packed, ref

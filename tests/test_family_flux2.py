@@ -8,7 +8,7 @@ from guidance_rt import presets
 from guidance_rt.families import enumerate_layers, resolve_layers
 from guidance_rt.layers import LayerNotFoundError
 
-from .conftest import model_state, rel
+from .conftest import model_state, packed_and_reference, rel
 
 NAME = "tiny-flux2"
 TOL = 1e-4       # fp32: packed vs one forward per branch (different op order and batch shapes)
@@ -31,18 +31,9 @@ def inp():
     return presets.example_inputs(NAME, batch=1, height=H, width=W, text_len=TEXT, seed=1)
 
 
-def _run(model, guidance, inp, seed=0):
-    kw = dict(cond=inp["cond"], uncond=inp["uncond"], negative=inp["negative"], step=0, num_steps=1)
-    packed = grt.GuidedDenoiser(model, guidance)(inp["sample"], inp["timestep"],
-                                                  generator=torch.Generator().manual_seed(seed), **kw)
-    ref = grt.reference.step(model, guidance, inp["sample"], inp["timestep"],
-                             generator=torch.Generator().manual_seed(seed), **kw)
-    return packed, ref
-
-
 @pytest.fixture(scope="module")
 def plain(model, inp):
-    packed, ref = _run(model, grt.Guidance(), inp)
+    packed, ref = packed_and_reference(model, grt.Guidance(), inp)
     assert rel(packed, ref) < TOL
     return packed
 
@@ -51,7 +42,7 @@ def plain(model, inp):
 def test_each_term_matches_reference_and_changes_output(model, inp, plain, index):
     term = TERMS[index]
     term = type(term)(**{**term.__dict__, "start": 0.0, "stop": 1.0})
-    packed, ref = _run(model, grt.Guidance(term), inp)
+    packed, ref = packed_and_reference(model, grt.Guidance(term), inp)
     assert torch.isfinite(packed).all()
     assert rel(packed, ref) < TOL
     assert rel(packed, plain) > EFFECT, f"{term!r} does not change the prediction"
@@ -61,7 +52,7 @@ def test_each_term_matches_reference_and_changes_output(model, inp, plain, index
 def test_cfg_place_terms(model, inp, plain, cfg):
     """The model has no CFG in Flux2Pipeline, but the denoiser runs an uncond row given one
     (FLUX.2 base models)."""
-    packed, ref = _run(model, grt.Guidance(cfg), inp)
+    packed, ref = packed_and_reference(model, grt.Guidance(cfg), inp)
     assert rel(packed, ref) < TOL and rel(packed, plain) > EFFECT
 
 
@@ -70,7 +61,7 @@ def test_all_terms_together_batch_2(model):
     g = grt.Guidance(grt.CFG(4.0, rescale=0.7), grt.PAG(layers="s4"), grt.SEG(sigma=1.0, layers=[3, "s2"]),
                      grt.TPG(layers=[4, "s5"]), grt.SLG(layers="s10", skip="attn", start=0.0, stop=1.0),
                      grt.NAG(5.0))
-    packed, ref = _run(model, g, x, seed=2)
+    packed, ref = packed_and_reference(model, g, x, seed=2)
     assert rel(packed, ref) < TOL
 
 

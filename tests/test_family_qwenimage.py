@@ -9,7 +9,7 @@ import guidance_rt as grt
 from guidance_rt import presets
 from guidance_rt.layers import LayerNotFoundError
 
-from .conftest import model_state, rel
+from .conftest import model_state, packed_and_reference, rel
 from .tolerance import MODEL_ULPS, assert_close
 
 NAME = "tiny-qwenimage"
@@ -33,22 +33,11 @@ def _inputs(batch=1, seed=0, lengths=(10, 6, 7)):
     return inp
 
 
-def _run(model, guidance, inp, negative=False):
-    kw = dict(cond=inp["cond"], uncond=inp["uncond"], step=0, num_steps=1)
-    if negative:
-        kw["negative"] = inp["negative"]
-    packed = grt.GuidedDenoiser(model, guidance)(inp["sample"], inp["timestep"],
-                                                  generator=torch.Generator().manual_seed(0), **kw)
-    ref = grt.reference.step(model, guidance, inp["sample"], inp["timestep"],
-                             generator=torch.Generator().manual_seed(0), **kw)
-    return packed, ref
-
-
 @pytest.fixture(scope="module")
 def plain(tiny_model):
     model = tiny_model(NAME)
     inp = _inputs()
-    packed, ref = _run(model, grt.Guidance(grt.CFG(4.0)), inp)
+    packed, ref = packed_and_reference(model, grt.Guidance(grt.CFG(4.0)), inp)
     return inp, packed, ref
 
 
@@ -64,7 +53,7 @@ def test_each_term_matches_reference_and_changes_output(tiny_model, plain, index
     inp, base, _ = plain
     term = TERMS[index]
     term = type(term)(**{**term.__dict__, **WIN})
-    packed, ref = _run(model, grt.Guidance(grt.CFG(4.0), term), inp)
+    packed, ref = packed_and_reference(model, grt.Guidance(grt.CFG(4.0), term), inp)
     assert torch.isfinite(packed).all()
     assert rel(packed, ref) < TOL
     assert rel(packed, base) > EFFECT, f"{term!r} does not change the prediction"
@@ -83,10 +72,10 @@ def test_nag_and_all_terms_batch_with_masks(tiny_model, plain):
     nag_only = grt.Guidance(grt.CFG(4.0), grt.NAG(4.0))
     everything = grt.Guidance(grt.CFG(4.0), grt.NAG(4.0), grt.PAG(layers=5, **WIN), grt.SEG(layers=3, **WIN),
                               grt.TPG(layers=6, **WIN), grt.SLG(layers=[18, 19], **WIN))
-    base, base_ref = _run(model, grt.Guidance(grt.CFG(4.0)), inp)
+    base, base_ref = packed_and_reference(model, grt.Guidance(grt.CFG(4.0)), inp)
     assert rel(base, base_ref) < TOL
     for guidance in (nag_only, everything):
-        packed, ref = _run(model, guidance, inp, negative=True)
+        packed, ref = packed_and_reference(model, guidance, inp)
         assert rel(packed, ref) < TOL
         assert rel(packed, base) > EFFECT
 

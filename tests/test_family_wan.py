@@ -10,7 +10,7 @@ from guidance_rt.families import FAMILIES
 from guidance_rt.layers import LayerNotFoundError
 from guidance_rt.reference.perturb import tpg_permutation
 
-from .conftest import model_state, rel
+from .conftest import model_state, packed_and_reference, rel
 
 NAME = "tiny-wan"
 TOL = 1e-4       # fp32: packed vs one forward per branch (different op order and batch shapes)
@@ -26,15 +26,6 @@ TERMS = [grt.PAG(layers=10), grt.PAG(beta=0.5, heads=[1], layers="5-6"), grt.SEG
 @pytest.fixture(scope="module")
 def model():
     return presets.build_model(NAME)
-
-
-def _run(model, guidance, inp, seed=0):
-    kw = dict(cond=inp["cond"], uncond=inp["uncond"], negative=inp["negative"], step=0, num_steps=1)
-    packed = grt.GuidedDenoiser(model, guidance)(inp["sample"], inp["timestep"],
-                                                  generator=torch.Generator().manual_seed(seed), **kw)
-    ref = grt.reference.step(model, guidance, inp["sample"], inp["timestep"],
-                             generator=torch.Generator().manual_seed(seed), **kw)
-    return packed, ref
 
 
 # --- presets ----------------------------------------------------------------------------------
@@ -80,10 +71,10 @@ def test_layers_defaults_and_errors(model):
 def test_each_term_matches_reference_and_changes_output(model, index):
     inp = presets.example_inputs(NAME, seed=index)
     base = grt.Guidance(grt.CFG(5.0))
-    packed, ref = _run(model, grt.Guidance(grt.CFG(5.0), TERMS[index]), inp)
+    packed, ref = packed_and_reference(model, grt.Guidance(grt.CFG(5.0), TERMS[index]), inp)
     assert torch.isfinite(packed).all()
     assert rel(packed, ref) < TOL
-    plain, plain_ref = _run(model, base, inp)
+    plain, plain_ref = packed_and_reference(model, base, inp)
     assert rel(plain, plain_ref) < TOL
     assert rel(packed, plain) > EFFECT, f"{TERMS[index]!r} does not change the prediction"
 
@@ -92,7 +83,7 @@ def test_all_terms_together_batch_2(model):
     inp = presets.example_inputs(NAME, batch=2, seed=7)
     g = grt.Guidance(grt.CFG(4.0, rescale=0.7), grt.PAG(layers=11), grt.SEG(sigma=1.0, layers=4),
                      grt.TPG(layers=6), grt.SLG(layers=[9, 10], **ALL), grt.NAG(scale=4.0))
-    packed, ref = _run(model, g, inp)
+    packed, ref = packed_and_reference(model, g, inp)
     assert rel(packed, ref) < TOL
     plain = grt.GuidedDenoiser(model, grt.Guidance(grt.CFG(4.0, rescale=0.7)))(
         inp["sample"], inp["timestep"], cond=inp["cond"], uncond=inp["uncond"], step=0, num_steps=1)
@@ -104,9 +95,9 @@ def test_per_token_timesteps_wan22_ti2v(model):
     inp = presets.example_inputs(NAME, batch=2, seed=3)
     t = torch.rand(2, 3 * 4 * 4, generator=torch.Generator().manual_seed(1)) * 1000
     g = grt.Guidance(grt.CFG(5.0), grt.SLG(layers=10, **ALL), grt.TPG(layers=5), grt.NAG(4.0))
-    packed, ref = _run(model, g, dict(inp, timestep=t))
+    packed, ref = packed_and_reference(model, g, dict(inp, timestep=t))
     assert rel(packed, ref) < TOL
-    flat, _ = _run(model, g, dict(inp, timestep=t[:, :1].expand_as(t).contiguous()))
+    flat, _ = packed_and_reference(model, g, dict(inp, timestep=t[:, :1].expand_as(t).contiguous()))
     assert rel(packed, flat) > EFFECT
 
 
