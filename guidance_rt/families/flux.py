@@ -86,20 +86,27 @@ class FluxAdapter(DiTAdapter):
                                                            device=pipe._execution_device, num_images_per_prompt=1)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": ids}
 
+    guidance_default = 3.5   # the stock pipeline's embedded guidance_scale (FLUX.1-dev)
+    image_ids = staticmethod(flux_image_ids)
+
     @staticmethod
-    def example_step(config, batch, height, width, text_len, t, randn):
+    def text_inputs(config, batch, text_len, randn, device, dtype) -> dict:
+        """example_step's text arguments besides the embeddings: pooled CLIP and txt_ids."""
+        return {"pooled_projections": randn(batch, config["pooled_projection_dim"]),
+                "txt_ids": torch.zeros(text_len, 3, device=device, dtype=dtype)}
+
+    @classmethod
+    def example_step(cls, config, batch, height, width, text_len, t, randn):
         sample = pack_flux_latents(randn(batch, config["in_channels"] // 4, height, width))
         device, dtype = sample.device, sample.dtype
         timestep = torch.full((batch,), t, dtype=dtype, device=device)
-        img_ids = flux_image_ids(height, width, device=device, dtype=dtype)
+        img_ids = cls.image_ids(height, width, device=device, dtype=dtype)
 
         def branch():
             kw = {"encoder_hidden_states": randn(batch, text_len, config["joint_attention_dim"]),
-                  "pooled_projections": randn(batch, config["pooled_projection_dim"]),
-                  "txt_ids": torch.zeros(text_len, 3, device=device, dtype=dtype),
-                  "img_ids": img_ids.clone()}
+                  **cls.text_inputs(config, batch, text_len, randn, device, dtype), "img_ids": img_ids.clone()}
             if config.get("guidance_embeds"):
-                kw["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)  # FLUX.1-dev default
+                kw["guidance"] = torch.full((batch,), cls.guidance_default, device=device, dtype=dtype)
             return kw
 
         return sample, timestep, branch

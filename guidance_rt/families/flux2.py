@@ -38,9 +38,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..layers import Layer
 from .dit import DiTAdapter
-from .flux import FluxAdapter, _ids, flux_grid, pack_flux_latents
+from .flux import FluxAdapter, _ids
 
 FLUX2_PROCESSORS = ("Flux2AttnProcessor", "Flux2KVAttnProcessor")
 FLUX2_SINGLE_PROCESSORS = ("Flux2ParallelSelfAttnProcessor", "Flux2KVParallelSelfAttnProcessor")
@@ -96,26 +95,12 @@ class Flux2Adapter(FluxAdapter):
                                                    num_images_per_prompt=1)
         return {"encoder_hidden_states": embeds, "txt_ids": ids}
 
-    @staticmethod
-    def example_step(config, batch, height, width, text_len, t, randn):
-        sample = pack_flux_latents(randn(batch, config["in_channels"] // 4, height, width))
-        device, dtype = sample.device, sample.dtype
-        timestep = torch.full((batch,), t, dtype=dtype, device=device)
-        img_ids = flux2_image_ids(height, width, device=device, dtype=dtype)
-
-        def branch():
-            kw = {"encoder_hidden_states": randn(batch, text_len, config["joint_attention_dim"]),
-                  "txt_ids": flux2_text_ids(text_len, device=device, dtype=dtype),
-                  "img_ids": img_ids.clone()}
-            if config.get("guidance_embeds", True):
-                kw["guidance"] = torch.full((batch,), 4.0, device=device, dtype=dtype)  # Flux2Pipeline default
-            return kw
-
-        return sample, timestep, branch
+    guidance_default = 4.0   # Flux2Pipeline's guidance_scale
+    image_ids = staticmethod(flux2_image_ids)
 
     @staticmethod
-    def enumerate_layers(model) -> list[Layer]:
-        return FluxAdapter.enumerate_layers(model)
+    def text_inputs(config, batch, text_len, randn, device, dtype) -> dict:
+        return {"txt_ids": flux2_text_ids(text_len, device=device, dtype=dtype)}   # no pooled text
 
     def host_inputs(self, plan, cond):
         out = super().host_inputs(plan, cond)
