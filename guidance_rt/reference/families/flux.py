@@ -78,6 +78,23 @@ def _text_tokens(hidden_states, n_image: int, what: str) -> int:
     return n_text
 
 
+def negative_ids(negative: dict, kwargs: dict, row, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NAG's (txt_ids, img_ids), 2-D: the negative prompt's text ids (its row `row`) and the
+    branch's image ids, checked against the negative text's length."""
+    txt_ids = negative.get("txt_ids")
+    img_ids = kwargs.get("img_ids")
+    if txt_ids is None or img_ids is None:
+        raise ValueError("reference NAG: FLUX needs txt_ids in `negative` and img_ids in the branch kwargs")
+    if txt_ids.ndim == 3:
+        txt_ids = txt_ids[row if row is not None and txt_ids.shape[0] > 1 else 0]
+    if img_ids.ndim == 3:
+        img_ids = img_ids[0]
+    if txt_ids.shape[0] != text.shape[1]:
+        raise ValueError(f"reference NAG: negative txt_ids ({txt_ids.shape[0]}) do not match "
+                         f"its {text.shape[1]} text tokens")
+    return txt_ids, img_ids
+
+
 class FluxAttentionPAG(PAGProcessor):
     """FLUX attention as ``FluxAttnProcessor`` computes it (qk-norm, rotary), with the MM-DiT PAG
     map mixed into the image query rows. Sequence order: [text, image]."""
@@ -209,18 +226,7 @@ class FluxFamily(DiTFamily):
     def install_nag_attention(self, stack, model, setting, negative, kwargs, row, text):
         from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
 
-        txt_ids = negative.get("txt_ids")
-        img_ids = kwargs.get("img_ids")
-        if txt_ids is None or img_ids is None:
-            raise ValueError("reference NAG: FLUX needs txt_ids in `negative` and img_ids in the "
-                             "branch kwargs")
-        if txt_ids.ndim == 3:
-            txt_ids = txt_ids[row if row is not None and txt_ids.shape[0] > 1 else 0]
-        if img_ids.ndim == 3:
-            img_ids = img_ids[0]
-        if txt_ids.shape[0] != text.shape[1]:
-            raise ValueError(f"reference NAG: negative txt_ids ({txt_ids.shape[0]}) do not match "
-                             f"its {text.shape[1]} text tokens")
+        txt_ids, img_ids = negative_ids(negative, kwargs, row, text)
         with torch.no_grad():
             negative_rotary = model.pos_embed(torch.cat([txt_ids.to(img_ids), img_ids], dim=0))
         n_image = img_ids.shape[0]

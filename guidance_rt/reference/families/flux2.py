@@ -29,7 +29,7 @@ import torch
 from ..attention import NAGSetting, PAGProcessor, joint_attention, merge_heads, nag_combine
 from ..hooks import hook, return_zeros
 from .dit import DiTFamily
-from .flux import FluxAttentionNAG, FluxAttentionPAG, flux_grid
+from .flux import FluxAttentionNAG, FluxAttentionPAG, flux_grid, negative_ids
 
 
 def _parallel_projections(what: str, attn, hidden_states, attention_mask):
@@ -176,17 +176,7 @@ class Flux2Family(DiTFamily):
         hook(stack, attn.to_out, zero_attention, pre=True)
 
     def install_nag_attention(self, stack, model, setting, negative, kwargs, row, text):
-        txt_ids = negative.get("txt_ids")
-        img_ids = kwargs.get("img_ids")
-        if txt_ids is None or img_ids is None:
-            raise ValueError("reference NAG: FLUX.2 needs txt_ids in `negative` and img_ids in the branch kwargs")
-        if txt_ids.ndim == 3:
-            txt_ids = txt_ids[row if row is not None and txt_ids.shape[0] > 1 else 0]
-        if img_ids.ndim == 3:
-            img_ids = img_ids[0]
-        if txt_ids.shape[0] != text.shape[1]:
-            raise ValueError(f"reference NAG: negative txt_ids ({txt_ids.shape[0]}) do not match its "
-                             f"{text.shape[1]} text tokens")
+        txt_ids, img_ids = negative_ids(negative, kwargs, row, text)
         with torch.no_grad():   # as the model: each set of ids embedded on its own, text first
             t, i = model.pos_embed(txt_ids.to(img_ids)), model.pos_embed(img_ids)
             negative_rotary = (torch.cat([t[0], i[0]]), torch.cat([t[1], i[1]]))
