@@ -39,14 +39,11 @@ def blur_queries(q: torch.Tensor, segments: tuple[Segment, ...], grid, image: sl
         part = q[s.rows]
         if s.variant is not None and s.variant.blur:
             img = part[:, image]
-            if grid is not None and len(grid) == 3:   # video: one grid per frame
-                flat = img.reshape(img.shape[0] * grid[0], -1, img.shape[-1])
-                flat = (flat.mean(1, keepdim=True).expand_as(flat) if s.variant.mean
-                        else kernels.query_blur(flat, grid[1], grid[2], s.variant.blur))
-                img = flat.reshape(img.shape)
-            else:
-                img = (img.mean(1, keepdim=True).expand_as(img) if s.variant.mean
-                       else kernels.query_blur(img, grid[0], grid[1], s.variant.blur))
+            frames = grid[0] if grid is not None and len(grid) == 3 else 1   # video: a grid per frame
+            flat = img.reshape(img.shape[0] * frames, -1, img.shape[-1])
+            flat = (flat.mean(1, keepdim=True).expand_as(flat) if s.variant.mean
+                    else kernels.query_blur(flat, grid[-2], grid[-1], s.variant.blur))
+            img = flat.reshape(img.shape)
             part = part.clone()
             part[:, image] = img
         parts.append(part)
