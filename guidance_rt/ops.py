@@ -17,8 +17,9 @@ from . import kernels
 from .effects import Segment
 from .kernels import gather_rows, guidance_combine, nag_attention, nag_combine, scatter_rows, token_shuffle
 
-__all__ = ["sdpa", "blur_queries", "variant_attention", "attention_runs", "shift_segments", "qk_segments", "gather_rows",
-           "scatter_rows", "token_shuffle", "guidance_combine", "nag_attention", "nag_combine"]
+__all__ = ["sdpa", "blur_queries", "variant_attention", "joint_nag_attention", "attention_runs", "shift_segments",
+           "qk_segments", "gather_rows", "scatter_rows", "token_shuffle", "guidance_combine", "nag_attention",
+           "nag_combine"]
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,6 +69,59 @@ def variant_attention(q, k, v, runs: tuple, image: slice | None = None,
         else:
             outs.append(kernels.variant_attention(q[lo:hi], k[lo:hi], v[lo:hi], *tables, span, mask))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def joint_nag_attention(q, k, v, image: slice, runs: tuple, ps: int, negative: tuple, nag_runs: tuple, step,
+                        text_mask: torch.Tensor | None = None, neg_text_mask: torch.Tensor | None = None):
+    """Joint (MM-DiT) attention of every row, with NAG (methods.md 5) on the positive rows [ps:]:
+    their image queries attend [image; text] and, for the guidance, [image; negative text], and
+    the negative text queries attend [negative text; image].
+
+    q, k, v: (R, H, N, d), each row's sequence with its image tokens at `image` (first or last);
+    `runs` / `nag_runs`: attention_runs of all rows / of the positive rows' negative stream;
+    `negative`: the negative text's (q, k, v), (R - ps, H, Tn, d); `step`: the NagStep;
+    text_mask (R, T) / neg_text_mask (R - ps, Tn): True where a text key takes part (None: all).
+    Returns (o: (R, H, N, d), the positive rows' image tokens guided; the negative text's output
+    (R - ps, H, Tn, d)).
+
+    When every row at this layer attends plainly, the image keys are scored once for both of a
+    positive row's softmaxes (nag_attention's shared keys), so the negative stream costs only its
+    text. Variant rows (PAG, SEG's mean) change the image part itself: then the negative stream's
+    attention runs in full with the positive rows' variants."""
+    nq, nk, nv = negative
+    rows, n, n_neg = q.shape[0], q.shape[2], nq.shape[2]
+    lo, hi = image.start or 0, q.shape[2] if image.stop is None else image.stop
+    text = slice(hi, n) if lo == 0 else slice(0, lo)
+    ones = lambda r, m: torch.ones(r, m, dtype=torch.bool, device=q.device)
+    key_mask = None                       # (R, N) over the whole sequence
+    if text_mask is not None:
+        parts = [ones(rows, hi - lo), text_mask]
+        key_mask = torch.cat(parts if lo == 0 else parts[::-1], 1)
+    neg_keys = None if neg_text_mask is None else torch.cat([neg_text_mask, ones(rows - ps, hi - lo)], 1)
+    img = lambda t: t[ps:, :, lo:hi]
+    neg_seq = lambda t_neg, t: torch.cat([t_neg, img(t)], 2)       # [negative text, image]
+    rows_of = lambda m, r: None if m is None else m[r]
+    if any(t is not None for r in (runs, nag_runs) for _, _, t in r):
+        o = variant_attention(q, k, v, runs, image, key_mask)
+        on = variant_attention(neg_seq(nq, q), neg_seq(nk, k), neg_seq(nv, v), nag_runs,
+                               slice(n_neg, None), neg_keys)
+        heads_last = lambda t: t.transpose(1, 2).flatten(2)        # (R, N, H * d)
+        guided = nag_combine(heads_last(img(o)), heads_last(on[:, :, n_neg:]), step.phi, step.tau,
+                             step.alpha, step.norm).unflatten(-1, (q.shape[1], -1)).transpose(1, 2)
+        o_uncond, o_text, o_neg = o[:ps], o[ps:, :, text], on[:, :, :n_neg]
+    else:
+        pos_mask, neg_mask = rows_of(key_mask, slice(ps, None)), neg_text_mask
+        if (pos_mask is None) != (neg_mask is None):   # the op takes both masks or none
+            pos_mask = ones(rows - ps, n) if pos_mask is None else pos_mask
+            neg_mask = ones(rows - ps, n_neg) if neg_mask is None else neg_mask
+        guided = nag_attention(img(q), k[ps:, :, text], v[ps:, :, text], nk, nv, step.phi, step.tau,
+                               step.alpha, step.norm, img(k), img(v),
+                               None if pos_mask is None else pos_mask[:, text], neg_mask)
+        o_uncond = sdpa(q[:ps], k[:ps], v[:ps], rows_of(key_mask, slice(None, ps)))
+        o_text = sdpa(q[ps:, :, text], k[ps:], v[ps:], rows_of(key_mask, slice(ps, None)))
+        o_neg = sdpa(nq, neg_seq(nk, k), neg_seq(nv, v), neg_keys)
+    o_pos = torch.cat([guided.to(o_text.dtype), o_text] if lo == 0 else [o_text, guided.to(o_text.dtype)], 2)
+    return torch.cat([o_uncond, o_pos]), o_neg
 
 
 def attention_runs(segments: tuple[Segment, ...], heads: int, device, mean_identical: bool) -> tuple:

@@ -15,6 +15,7 @@ STANDARD: list[tuple[str, str, str]] = [
     ("unet", "CFG+TPG(d6-d23)", "cfg=5 tpg=3@d6-d23"),
     ("sd3", "CFG", "cfg=4"),
     ("sd3", "CFG+SLG[7,8,9]", "cfg=4 slg=2.8@7,8,9:0-1"),
+    ("sd3", "CFG+NAG", "cfg=4 nag=5"),
     ("flux", "plain", ""),
     ("flux", "NAG", "nag=5"),
     ("flux", "CSLG[3,8,6,10,14]", "slg=2@3,8,6,10,14:0-1:form=cslg"),   # published FLUX text layers

@@ -36,7 +36,7 @@ def _step(K, img):
     """Every op once, on the shapes of `_inputs`."""
 
     def step(q, k, v, mode, beta, head_mask, perms, table, index, preds, weights, kn, vn, rate,
-             key_mask):
+             key_mask, text_mask):
         rows, heads, n, d = q.shape
         x = q.transpose(1, 2).reshape(rows, n, heads * d)
         xb = K.query_blur(x, 64, (img[1] - img[0]) // 64, 3.0, img[0])
@@ -47,7 +47,9 @@ def _step(K, img):
         o2 = K.variant_attention(qb, k, v, mode, beta, head_mask, (0, n))
         o3 = K.variant_attention(qb, k, v, mode, beta, head_mask, img, key_mask)   # HAS_KMASK
         z = K.nag_attention(qb, k, v, kn, vn, 3.0, 2.5, 0.5, 1)
-        g = K.gather_rows(o + o2 + o3 + z, index)
+        zj = K.nag_attention(qb, kn, vn, kn, vn, 3.0, 2.5, 0.5, 1, k, v)   # joint: HAS_SHARED
+        zm = K.nag_attention(qb, kn, vn, kn, vn, 3.0, 2.5, 0.5, 1, k, v, text_mask, text_mask)
+        g = K.gather_rows(o + o2 + o3 + z + zj + zm, index)
         s = K.scatter_rows(o, index, g)
         e1 = K.guidance_combine(preds * s.mean(), weights, 1, True, 0.5, rate)
         e2 = K.guidance_combine(preds, weights, 1, True, 0.0, None)
@@ -68,7 +70,7 @@ def _inputs(d: int, dtype: torch.dtype, device: str):
             mk(rows, heads, dt=torch.bool), mk(2, img[1] - img[0], dt=torch.int64),
             mk(rows, dt=torch.int64), mk(2, dt=torch.int64), mk(3, 4, 128, 128, dt=dtype),
             mk(2, dt=torch.float32), *neg, mk(1, 1, 128, 128, dt=torch.float32),
-            mk(rows, n, dt=torch.bool))
+            mk(rows, n, dt=torch.bool), mk(rows, 77, dt=torch.bool))
     return args, img
 
 

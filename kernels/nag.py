@@ -17,8 +17,20 @@ variant_attention: `z.transpose(1, 2).reshape(R, Nq, H * d)` is free. Zp and Zn 
 q's dtype before the blend (as an attention processor computing them separately would); the
 blend is fp32.
 
-The blend alone, for attentions that compute Zp and Zn themselves (SD3 / FLUX joint attention,
-which needs both text streams and per-row variants):
+Joint (MM-DiT) attention, where the image queries attend the image keys beside either text:
+
+    z = nag_attention(q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm,
+                      k_shared, v_shared, mask_pos, mask_neg)
+
+Zp = attention(q, [K_shared; K_pos]) and Zn = attention(q, [K_shared; K_neg]): the shared keys
+(R, H, Ns, d) (the image tokens) are scored once and both softmaxes continue from that partial
+state (online softmax; the PyTorch path merges three attentions by their log-sum-exp), so the
+negative stream costs only its text keys. mask_pos (R, Np) / mask_neg (R, Nn) bool: True where a
+text key takes part (padded prompts); shared keys are never masked.
+
+The blend alone, for attentions that compute Zp and Zn themselves (joint attention whose rows
+carry PAG or SEG-mean variants at the same layer, FLUX's single blocks, whose negative sequence
+has image tokens of its own):
 
     z = nag_combine(zp, zn, phi, tau, alpha, norm=1)
 
@@ -26,8 +38,9 @@ zp, zn: (R, N, C), the attention outputs with heads merged (C = H * d, channels 
 strides), taken as given in their dtype. Returns Z (R, N, C) in zp's dtype, contiguous; the same
 fp32 blend as above.
 
-Kernels: `_nag_attention_fwd` (one program per (query block, row, head): Q loaded once, two
-flash loops; Zp into the output, Zn into a scratch) and `_nag_combine` (one program per token
+Kernels: `_nag_attention_fwd` (one program per (query block, row, head): Q loaded once; the
+shared keys' flash loop, then two loops continuing its state; Zp into the output, Zn into a
+scratch; the forked state costs registers: 255 without spills at d = 128, bf16, sm_90) and `_nag_combine` (one program per token
 block: the norms over all heads, then the blend; in place for nag_attention, into a new tensor
 for nag_combine). The norm couples all heads of a token, which live in different attention
 programs, so the blend is a separate epilogue; the alternative, atomically accumulated per-token
@@ -56,27 +69,24 @@ if HAS_TRITON:
 if HAS_TRITON:
 
     @jit
-    def _attention(q, K, V, s_kn, s_kd, s_vn, s_vd, NK, offs_m, offs_d, mask_d, scale,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   INTERP_BF16: tl.constexpr, F32_3X: tl.constexpr):
-        """softmax(q K^T) V of one (row, head) query block over all NK keys (fp32)."""
-        m = tl.full([BLOCK_M], _NEG, tl.float32)
-        l = tl.full([BLOCK_M], 0.0, tl.float32)
-        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-        # no key mask (HAS_KMASK False): K stands in for the mask pointer, never read
-        m, l, acc = _attend(m, l, acc, q, K, V, s_kn, s_kd, s_vn, s_vd, K, 0, 0, NK, offs_m,
-                            offs_d, mask_d, 0, 0, scale, False, False, BLOCK_N, INTERP_BF16,
-                            F32_3X)
-        return acc / tl.where(l > 0, l, 1.0)[:, None]
+    def _finish(O, out_offs, io_mask, l, acc, INTERP_BF16: tl.constexpr):
+        z = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(O + out_offs, to_out(z, O.dtype.element_ty, INTERP_BF16), mask=io_mask)
 
     @jit
-    def _nag_attention_fwd(Q, KP, VP, KN, VN, O, ZN,
-                           s_qr, s_qh, s_qn, s_qd, s_kpr, s_kph, s_kpn, s_kpd,
+    def _nag_attention_fwd(Q, KS, VS, KP, VP, KN, VN, MP, MN, O, ZN,
+                           s_qr, s_qh, s_qn, s_qd, s_ksr, s_ksh, s_ksn, s_ksd,
+                           s_vsr, s_vsh, s_vsn, s_vsd, s_kpr, s_kph, s_kpn, s_kpd,
                            s_vpr, s_vph, s_vpn, s_vpd, s_knr, s_knh, s_knn, s_knd,
-                           s_vnr, s_vnh, s_vnn, s_vnd, s_or, s_oh, s_on, s_od,
-                           H, NQ, NP, NN, scale, D: tl.constexpr,
+                           s_vnr, s_vnh, s_vnn, s_vnd, s_mpr, s_mpn, s_mnr, s_mnn,
+                           s_or, s_oh, s_on, s_od,
+                           H, NQ, NS, NP, NN, scale, D: tl.constexpr, HAS_SHARED: tl.constexpr,
+                           HAS_KMASK: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            INTERP_BF16: tl.constexpr, F32_3X: tl.constexpr):
+        """One (query block, row, head): Q loaded once; the shared keys (HAS_SHARED) into one
+        running softmax, which the positive keys then continue into Zp (-> O) and the negative
+        keys into Zn (-> ZN). HAS_KMASK: MP / MN mask the text keys (else never read)."""
         pid_m = tl.program_id(0)
         rh = tl.program_id(1)
         r = rh // H
@@ -89,14 +99,23 @@ if HAS_TRITON:
                     mask=io_mask, other=0.0)
         out_offs = r * s_or + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od
 
-        zp = _attention(q, KP + r * s_kpr + h * s_kph, VP + r * s_vpr + h * s_vph, s_kpn, s_kpd,
-                        s_vpn, s_vpd, NP, offs_m, offs_d, mask_d, scale,
-                        BLOCK_M, BLOCK_N, BLOCK_D, INTERP_BF16, F32_3X)
-        tl.store(O + out_offs, to_out(zp, O.dtype.element_ty, INTERP_BF16), mask=io_mask)
-        zn = _attention(q, KN + r * s_knr + h * s_knh, VN + r * s_vnr + h * s_vnh, s_knn, s_knd,
-                        s_vnn, s_vnd, NN, offs_m, offs_d, mask_d, scale,
-                        BLOCK_M, BLOCK_N, BLOCK_D, INTERP_BF16, F32_3X)
-        tl.store(ZN + out_offs, to_out(zn, ZN.dtype.element_ty, INTERP_BF16), mask=io_mask)
+        m = tl.full([BLOCK_M], _NEG, tl.float32)
+        l = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+        if HAS_SHARED:   # never masked: KS stands in for the mask pointer, never read
+            m, l, acc = _attend(m, l, acc, q, KS + r * s_ksr + h * s_ksh, VS + r * s_vsr + h * s_vsh,
+                                s_ksn, s_ksd, s_vsn, s_vsd, KS, 0, 0, NS, offs_m, offs_d, mask_d,
+                                0, 0, scale, False, False, BLOCK_N, INTERP_BF16, F32_3X)
+        _, lp, accp = _attend(m, l, acc, q, KP + r * s_kpr + h * s_kph, VP + r * s_vpr + h * s_vph,
+                              s_kpn, s_kpd, s_vpn, s_vpd, MP + r * s_mpr, s_mpn, 0, NP, offs_m,
+                              offs_d, mask_d, 0, 0, scale, False, HAS_KMASK, BLOCK_N, INTERP_BF16,
+                              F32_3X)
+        _finish(O, out_offs, io_mask, lp, accp, INTERP_BF16)
+        _, ln, accn = _attend(m, l, acc, q, KN + r * s_knr + h * s_knh, VN + r * s_vnr + h * s_vnh,
+                              s_knn, s_knd, s_vnn, s_vnd, MN + r * s_mnr, s_mnn, 0, NN, offs_m,
+                              offs_d, mask_d, 0, 0, scale, False, HAS_KMASK, BLOCK_N, INTERP_BF16,
+                              F32_3X)
+        _finish(ZN, out_offs, io_mask, ln, accn, INTERP_BF16)
 
     @jit
     def _zp_zt(ZP, ZN, p_offs, n_offs, mask, phi):
@@ -165,19 +184,25 @@ def _launch_combine(zp, zn, out, phi: float, tau: float, alpha: float, norm: int
         INTERP_BF16=interp_bf16(out.dtype), num_warps=4)
 
 
-def _triton_impl(q, k_pos, v_pos, k_neg, v_neg, phi: float, tau: float, alpha: float,
-                 norm: int) -> torch.Tensor:
+def _triton_impl(q, k_pos, v_pos, k_neg, v_neg, phi: float, tau: float, alpha: float, norm: int,
+                 k_shared=None, v_shared=None, mask_pos=None, mask_neg=None) -> torch.Tensor:
     rows, heads, nq, d = q.shape
     out = poison_(_empty_out(q, d))
     if out.numel() == 0:
         return out
     zn = poison_(_empty_out(q, d))
+    has_shared, has_kmask = k_shared is not None, mask_pos is not None
+    ks, vs = (k_shared, v_shared) if has_shared else (k_pos, v_pos)   # unread stand-ins
+    mp, mn = ((mask_pos.to(torch.uint8), mask_neg.to(torch.uint8)) if has_kmask
+              else (k_pos, k_neg))
+    m_strides = (*mp.stride()[:2], *mn.stride()[:2]) if has_kmask else (0, 0, 0, 0)
     d_pad = max(16, next_pow2(d))
     block_m, block_n, warps, stages = attention_tiles(d, q.dtype, q.device)
     torch.library.wrap_triton(_nag_attention_fwd)[(triton.cdiv(nq, block_m), rows * heads)](
-        q, k_pos, v_pos, k_neg, v_neg, out, zn, *q.stride(), *k_pos.stride(), *v_pos.stride(),
-        *k_neg.stride(), *v_neg.stride(), *out.stride(), heads, nq, k_pos.shape[2],
-        k_neg.shape[2], LOG2E / math.sqrt(d), D=d,
+        q, ks, vs, k_pos, v_pos, k_neg, v_neg, mp, mn, out, zn, *q.stride(), *ks.stride(),
+        *vs.stride(), *k_pos.stride(), *v_pos.stride(), *k_neg.stride(), *v_neg.stride(),
+        *m_strides, *out.stride(), heads, nq, ks.shape[2] if has_shared else 0, k_pos.shape[2],
+        k_neg.shape[2], LOG2E / math.sqrt(d), D=d, HAS_SHARED=has_shared, HAS_KMASK=has_kmask,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, INTERP_BF16=interp_bf16(q.dtype),
         F32_3X=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     z = out.transpose(1, 2).flatten(2)     # (R, N, H * d) views: a token's channels
@@ -201,11 +226,44 @@ def _blend(zp: torch.Tensor, zn: torch.Tensor, phi: float, tau: float, alpha: fl
     return alpha * (zt * factor) + (1 - alpha) * zp
 
 
-def _torch_impl(q, k_pos, v_pos, k_neg, v_neg, phi: float, tau: float, alpha: float,
-                norm: int) -> torch.Tensor:
+def _attention_lse(q, k, v, mask):
+    """(attention output in fp32, its log-sum-exp (R, H, Nq) in fp32); mask (R, Nk) bool or None.
+    On CPU the flash kernel SDPA uses, which returns both; elsewhere the plain math."""
+    if q.device.type == "cpu":   # the kernel takes an additive mask of q's dtype
+        m = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill(
+            ~mask, float("-inf"))[:, None, None, :]
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=m)
+        return torch.where(torch.isfinite(lse)[..., None], o.float(), 0.0), lse
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse = s.logsumexp(-1)
+    p = torch.where(torch.isfinite(lse)[..., None], (s - lse[..., None]).exp(), 0.0)
+    return p @ v.float(), lse
+
+
+def _merge(shared, part):
+    """softmax attention over the union of two key sets from each set's (output, log-sum-exp)."""
+    (o_a, lse_a), (o_b, lse_b) = shared, part
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.where(torch.isfinite(lse), (lse_a - lse).exp(), 0.0)[..., None]
+    w_b = torch.where(torch.isfinite(lse), (lse_b - lse).exp(), 0.0)[..., None]
+    return o_a * w_a + o_b * w_b
+
+
+def _torch_impl(q, k_pos, v_pos, k_neg, v_neg, phi: float, tau: float, alpha: float, norm: int,
+                k_shared=None, v_shared=None, mask_pos=None, mask_neg=None) -> torch.Tensor:
     out = _empty_out(q, q.shape[-1])
-    zp = F.scaled_dot_product_attention(q, k_pos, v_pos).transpose(1, 2).flatten(2)  # (R, N, C)
-    zn = F.scaled_dot_product_attention(q, k_neg, v_neg).transpose(1, 2).flatten(2)
+    if k_shared is None and mask_pos is None:
+        zp = F.scaled_dot_product_attention(q, k_pos, v_pos)
+        zn = F.scaled_dot_product_attention(q, k_neg, v_neg)
+    else:
+        shared = _attention_lse(q, k_shared, v_shared, None) if k_shared is not None else None
+        zp, zn = (_attention_lse(q, k, v, mask) for k, v, mask in ((k_pos, v_pos, mask_pos),
+                                                                   (k_neg, v_neg, mask_neg)))
+        # rounded to q's dtype, as the unshared path's SDPA outputs are
+        zp, zn = ((z[0] if shared is None else _merge(shared, z)).to(q.dtype) for z in (zp, zn))
+    zp, zn = zp.transpose(1, 2).flatten(2), zn.transpose(1, 2).flatten(2)   # (R, N, C)
     out.transpose(1, 2).flatten(2).copy_(_blend(zp, zn, phi, tau, alpha, norm))
     return out
 
@@ -221,27 +279,35 @@ def _check_norm(name: str, norm: int):
 @torch.library.custom_op("guidance_rt::nag_attention_torch", mutates_args=())
 def nag_attention_torch(q: torch.Tensor, k_pos: torch.Tensor, v_pos: torch.Tensor,
                         k_neg: torch.Tensor, v_neg: torch.Tensor, phi: float, tau: float,
-                        alpha: float, norm: int) -> torch.Tensor:
-    return _torch_impl(q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm)
+                        alpha: float, norm: int, k_shared: torch.Tensor | None = None,
+                        v_shared: torch.Tensor | None = None, mask_pos: torch.Tensor | None = None,
+                        mask_neg: torch.Tensor | None = None) -> torch.Tensor:
+    return _torch_impl(q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm, k_shared, v_shared,
+                       mask_pos, mask_neg)
 
 
 @nag_attention_torch.register_fake
-def _(q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm):
+def _(q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm, k_shared=None, v_shared=None,
+      mask_pos=None, mask_neg=None):
     return _empty_out(q, q.shape[-1])
 
 
 @define_op("guidance_rt::nag_attention", mutates_args=())
 def nag_attention_op(q: torch.Tensor, k_pos: torch.Tensor, v_pos: torch.Tensor,
                      k_neg: torch.Tensor, v_neg: torch.Tensor, phi: float, tau: float,
-                     alpha: float, norm: int) -> torch.Tensor:
+                     alpha: float, norm: int, k_shared: torch.Tensor | None = None,
+                     v_shared: torch.Tensor | None = None, mask_pos: torch.Tensor | None = None,
+                     mask_neg: torch.Tensor | None = None) -> torch.Tensor:
+    args = (q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm, k_shared, v_shared, mask_pos, mask_neg)
     if use_triton(q, "nag_attention"):
-        return _triton_impl(q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm)
-    return nag_attention_torch(q, k_pos, v_pos, k_neg, v_neg, phi, tau, alpha, norm)
+        return _triton_impl(*args)
+    return nag_attention_torch(*args)
 
 
 @case("nag_attention")
 def _check_inputs(dtype, device):
-    """Queries and both key sets over several tiles, of three different lengths."""
+    """Queries and both key sets over several tiles, of three different lengths; then the joint
+    form: shared keys over several tiles, text keys masked (one row none masked)."""
     d = head_dim(dtype)
     block_m, block_n, _, _ = attention_tiles(d, dtype, device)
     n, n_pos, n_neg = block_m + block_m // 2 + 1, 2 * block_n + 3, block_n + 5
@@ -249,28 +315,50 @@ def _check_inputs(dtype, device):
     q = heads(g, 2, n, 3, d, dtype)
     k_pos, v_pos = (heads(g, 2, n_pos, 3, d, dtype) for _ in range(2))
     k_neg, v_neg = (heads(g, 2, n_neg, 3, d, dtype) for _ in range(2))
-    return [(q, k_pos, v_pos, k_neg, v_neg, 3.0, 2.5, 0.5, 1)]
+    k_sh, v_sh = (heads(g, 2, 2 * block_n + 1, 3, d, dtype) for _ in range(2))
+    mask_pos = torch.ones(2, n_pos, dtype=torch.bool)
+    mask_pos[1, n_pos - 4:] = False
+    mask_neg = torch.ones(2, n_neg, dtype=torch.bool)
+    mask_neg[1, 1:] = False
+    return [(q, k_pos, v_pos, k_neg, v_neg, 3.0, 2.5, 0.5, 1),
+            (q, k_pos, v_pos, k_neg, v_neg, 3.0, 2.5, 0.5, 1, k_sh, v_sh, mask_pos, mask_neg)]
 
 
 @register_flop_formula([torch.ops.guidance_rt.nag_attention, torch.ops.guidance_rt.nag_attention_torch])
-def nag_attention_flops(q_shape, kp_shape, vp_shape, kn_shape, vn_shape, *args, out_shape=None, **kwargs) -> int:
-    """Two attentions with the same queries (torch.utils.flop_counter's SDPA count for each); the
-    blend is elementwise, as is nag_combine (no formula: no FLOPs counted)."""
+def nag_attention_flops(q_shape, kp_shape, vp_shape, kn_shape, vn_shape, phi=None, tau=None,
+                        alpha=None, norm=None, ks_shape=None, vs_shape=None, *args, out_shape=None,
+                        **kwargs) -> int:
+    """torch.utils.flop_counter's SDPA count for the queries against each key set once: the
+    positive keys, the negative keys and the shared keys (scored once for both). The blend is
+    elementwise, as is nag_combine (no formula: no FLOPs counted)."""
     rows, heads, nq, d = q_shape
-    return 2 * rows * heads * nq * (kp_shape[2] * (d + vp_shape[3]) + kn_shape[2] * (d + vn_shape[3]))
+    ks_shape = ks_shape if ks_shape is not None else kwargs.get("k_shared")
+    shared = 0 if ks_shape is None else ks_shape[2]
+    return 2 * rows * heads * nq * (d + vp_shape[3]) * (kp_shape[2] + kn_shape[2] + shared)
 
 
 def nag_attention(q: torch.Tensor, k_pos: torch.Tensor, v_pos: torch.Tensor, k_neg: torch.Tensor,
                   v_neg: torch.Tensor, phi: float, tau: float = 2.5, alpha: float = 0.5,
-                  norm: int = 1) -> torch.Tensor:
+                  norm: int = 1, k_shared: torch.Tensor | None = None,
+                  v_shared: torch.Tensor | None = None, mask_pos: torch.Tensor | None = None,
+                  mask_neg: torch.Tensor | None = None) -> torch.Tensor:
     """NAG attention and blend (see the module docstring); phi = 1 is off."""
     _check_norm("nag_attention", norm)
     if q.shape[-1] != v_pos.shape[-1] or v_pos.shape[-1] != v_neg.shape[-1]:
         raise ValueError("nag_attention: q, v_pos and v_neg must share the head dim")
-    if not (q.shape[:2] == k_pos.shape[:2] == v_pos.shape[:2] == k_neg.shape[:2] == v_neg.shape[:2]):
+    if (k_shared is None) != (v_shared is None) or (mask_pos is None) != (mask_neg is None):
+        raise ValueError("nag_attention: give k_shared with v_shared, and mask_pos with mask_neg")
+    shared = () if k_shared is None else (k_shared, v_shared)
+    if not all(t.shape[:2] == q.shape[:2] for t in (k_pos, v_pos, k_neg, v_neg, *shared)):
         raise ValueError("nag_attention: q, k and v must share rows and heads (R, H, N, d)")
+    if shared and (v_shared.shape[-1] != q.shape[-1] or k_shared.shape[2] != v_shared.shape[2]):
+        raise ValueError("nag_attention: k_shared and v_shared must be (R, H, Ns, d) like q")
+    for name, mask, k in (("mask_pos", mask_pos, k_pos), ("mask_neg", mask_neg, k_neg)):
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (q.shape[0], k.shape[2])):
+            raise ValueError(f"nag_attention: {name} must be a bool (R, N) mask of its keys, "
+                             f"({q.shape[0]}, {k.shape[2]}), got {mask.dtype} {tuple(mask.shape)}")
     return nag_attention_op(q, k_pos, v_pos, k_neg, v_neg, float(phi), float(tau), float(alpha),
-                            int(norm))
+                            int(norm), k_shared, v_shared, mask_pos, mask_neg)
 
 
 @torch.library.custom_op("guidance_rt::nag_combine_torch", mutates_args=())

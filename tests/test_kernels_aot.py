@@ -37,6 +37,10 @@ def test_cuda_launches_compile_for_h100(tmp_path):
     assert specs == {("False", "False", "False"), ("False", "True", "False"), ("True", "True", "False"),
                      ("False", "True", "True"), ("True", "True", "True")}
     assert {r["constexprs"]["HAS_KMASK"] for r in results if r["kernel"] == "_mean_partials"} == {"False", "True"}
+    # NAG: separate keys (UNet cross-attention), and the joint form's shared image keys with and
+    # without text key masks
+    assert {(r["constexprs"]["HAS_SHARED"], r["constexprs"]["HAS_KMASK"]) for r in results
+            if r["kernel"] == "_nag_attention_fwd"} == {("False", "False"), ("True", "False"), ("True", "True")}
     for r in results:
         assert r["spill_stack"] == 0, r
         assert r["shared"] <= 232448, r

@@ -205,3 +205,88 @@ def test_flop_formula_is_two_attentions():
         nag_attention(q, kp, kp, kn, kn, phi=3.0)
     assert counter.get_total_flops() == sdpa_flop_count(q.shape, kp.shape, kp.shape) + \
         sdpa_flop_count(q.shape, kn.shape, kn.shape)
+    ks = torch.randn(2, 3, 13, 8)
+    with FlopCounterMode(display=False) as counter:
+        nag_attention(q, kp, kp, kn, kn, phi=3.0, k_shared=ks, v_shared=ks)
+    assert counter.get_total_flops() == sdpa_flop_count(q.shape, kp.shape, kp.shape) + \
+        sdpa_flop_count(q.shape, kn.shape, kn.shape) + sdpa_flop_count(q.shape, ks.shape, ks.shape)
+
+
+# ---------------------------------------------------------------- joint form (shared keys, masks)
+
+
+def masked_attention(q, k, v, keep):
+    s = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return torch.softmax(s, -1).to(q.dtype) @ v
+
+
+def joint_reference(q, ks, vs, kp, vp, kn, vn, mp, mn, phi, tau, alpha, norm, dtype=torch.float64):
+    """methods.md 5 with Zp over [shared; positive] keys and Zn over [shared; negative] keys,
+    each one plain softmax over the concatenation (the masks drop text keys)."""
+    q, ks, vs, kp, vp, kn, vn = (t.cpu().to(dtype) for t in (q, ks, vs, kp, vp, kn, vn))
+    keep = lambda m: torch.cat([torch.ones(m.shape[0], ks.shape[2], dtype=torch.bool), m.cpu()], 1)
+    zp = masked_attention(q, torch.cat([ks, kp], 2), torch.cat([vs, vp], 2), keep(mp)).transpose(1, 2)
+    zn = masked_attention(q, torch.cat([ks, kn], 2), torch.cat([vs, vn], 2), keep(mn)).transpose(1, 2)
+    out = blend_reference(zp.flatten(2), zn.flatten(2), phi, tau, alpha, norm)
+    return out.view(zp.shape).transpose(1, 2).to(dtype)
+
+
+def joint_inputs(dtype, seed, rows=3, heads=2, n=37, n_shared=41, n_pos=9, n_neg=6, d=24):
+    """Image queries and keys (shared) beside two texts of different lengths; rows 1 and 2 pad
+    their texts (masked keys hold large values, so using one would show)."""
+    q, kp, vp, kn, vn = inputs(rows, heads, n, n_pos, n_neg, d, dtype, seed)
+    ks, vs = inputs(rows, heads, 1, n_shared, 1, d, dtype, seed + 1)[1:3]
+    mp = torch.ones(rows, n_pos, dtype=torch.bool, device=DEVICE)
+    mn = torch.ones(rows, n_neg, dtype=torch.bool, device=DEVICE)
+    mp[1, 6:], mn[1, 2:], mn[2, 4:] = False, False, False
+    kp, vp, kn, vn = (t.clone() for t in (kp, vp, kn, vn))
+    kp[1, :, 6:] = vp[1, :, 6:] = 30.0
+    kn[2, :, 4:] = vn[2, :, 4:] = -30.0
+    return q, ks, vs, kp, vp, kn, vn, mp, mn
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_joint_nag(path, dtype):
+    """Shared keys scored once for both softmaxes and masked text keys, against the float64
+    softmax over each concatenation; and the guidance moves the output far beyond the error."""
+    q, ks, vs, kp, vp, kn, vn, mp, mn = joint_inputs(dtype, seed=11)
+    phi, tau, alpha, norm = 4.0, 3.0, 0.25, 1
+    if path == "torch":
+        args = [t.cpu() for t in (q, kp, vp, kn, vn)]
+        out = nag_attention(*args, phi, tau, alpha, norm, ks.cpu(), vs.cpu(), mp.cpu(), mn.cpu())
+    else:
+        with triton_run():
+            out = nag_attention(q, kp, vp, kn, vn, phi, tau, alpha, norm, ks, vs, mp, mn)
+    ref_args = (q, ks, vs, kp, vp, kn, vn, mp, mn, phi, tau, alpha, norm)
+    ref = joint_reference(*ref_args)
+    check(out.cpu(), ref, joint_reference(*ref_args, dtype=dtype), dim=0, what=f"{path} {dtype}")
+    plain = joint_reference(q, ks, vs, kp, vp, kn, vn, mp, mn, 1.0, tau, alpha, norm)
+    assert (ref - plain).abs().max() > 0.05 * ref.abs().max()
+
+
+def test_joint_nag_equals_unshared_concatenation():
+    """Without masks the joint form is nag_attention over the concatenated keys (fp32)."""
+    q, ks, vs, kp, vp, kn, vn, _, _ = (t.cpu() for t in joint_inputs(torch.float32, seed=12))
+    joint = nag_attention(q, kp, vp, kn, vn, 3.0, 2.5, 0.5, 2, ks, vs)
+    cat = lambda a, b: torch.cat([a, b], 2)
+    whole = nag_attention(q, cat(ks, kp), cat(vs, vp), cat(ks, kn), cat(vs, vn), 3.0, 2.5, 0.5, 2)
+    assert_close(joint, whole.double(), what="joint vs concatenated")
+
+
+def test_joint_opcheck_with_triton_kernels():
+    q, ks, vs, kp, vp, kn, vn, mp, mn = joint_inputs(torch.float32, seed=13)
+    with triton_run():
+        torch.library.opcheck(torch.ops.guidance_rt.nag_attention,
+                              (q, kp, vp, kn, vn, 3.0, 2.5, 0.5, 1, ks, vs, mp, mn))
+
+
+def test_joint_rejects_bad_arguments():
+    q, ks, vs, kp, vp, kn, vn, mp, mn = (t.cpu() for t in joint_inputs(torch.float32, seed=14))
+    with pytest.raises(ValueError, match="k_shared with v_shared"):
+        nag_attention(q, kp, vp, kn, vn, 3.0, k_shared=ks)
+    with pytest.raises(ValueError, match="mask_pos with mask_neg"):
+        nag_attention(q, kp, vp, kn, vn, 3.0, mask_pos=mp)
+    with pytest.raises(ValueError, match=r"mask_neg must be a bool \(R, N\) mask"):
+        nag_attention(q, kp, vp, kn, vn, 3.0, mask_pos=mp, mask_neg=mp)

@@ -258,26 +258,35 @@ class FluxAdapter(DiTAdapter):
             q, k, v = torch.cat([text_q, q], 1), torch.cat([text_k, k], 1), torch.cat([text_v, v], 1)
         n_txt = q.shape[1] - (x.shape[1] - image_start)      # text tokens in the sequence
         image = slice(n_txt, None)
-        o = ops.variant_attention(rotate(q, rope), rotate(k, rope), v.transpose(1, 2), bp.attn, image)
-        o = o.transpose(1, 2).flatten(2, 3).to(x.dtype)
+        q, k, v = rotate(q, rope), rotate(k, rope), v.transpose(1, 2)
         o_neg = None
-        if nag is not None:
+        if nag is not None and c is not None:
+            # double block: the negative text beside the positive rows' image tokens, whose rotary
+            # embedding is the positive one (same image ids), so their keys are shared
+            n_neg = cn.shape[1]
+            neg_rope = tuple(f[:n_neg] for f in nag.extra)
+            nq, nk, nv = self._text_qkv(attn, cn)
+            o, o_neg = ops.joint_nag_attention(q, k, v, image, bp.attn, nag.pos_start,
+                                               (rotate(nq, neg_rope), rotate(nk, neg_rope), nv.transpose(1, 2)),
+                                               bp.nag_attn, nag.step)
+            o_neg = o_neg.transpose(1, 2).flatten(2, 3).to(x.dtype)
+        else:
+            o = ops.variant_attention(q, k, v, bp.attn, image)
+        o = o.transpose(1, 2).flatten(2, 3).to(x.dtype)
+        if nag is not None and c is None:
+            # single block (the NAG authors'): the negative sequence carries image tokens of its own
+            # (its modulation differs), so nothing of its attention is shared with the positive rows
             ps, s = nag.pos_start, nag.step
-            if c is not None:   # double block: the negative text beside the positive image tokens
-                n_neg = cn.shape[1]
-                nq, nk, nv = self._text_qkv(attn, cn)
-                nq, nk, nv = (torch.cat([t_neg, t[ps:, image]], 1) for t_neg, t in ((nq, q), (nk, k), (nv, v)))
-            else:   # single block: the negative sequence's own tokens, SEG's queries included
-                n_neg = cn.shape[1] - (x.shape[1] - image_start)
-                nq = attn.norm_q(unflat(ops.blur_queries(attn.to_q(cn), bp.pos_attn, grid, slice(n_neg, None))))
-                nk, nv = attn.norm_k(unflat(attn.to_k(cn))), unflat(attn.to_v(cn))
+            n_neg = cn.shape[1] - (x.shape[1] - image_start)
+            nq = attn.norm_q(unflat(ops.blur_queries(attn.to_q(cn), bp.pos_attn, grid, slice(n_neg, None))))
+            nk, nv = attn.norm_k(unflat(attn.to_k(cn))), unflat(attn.to_v(cn))
             on = ops.variant_attention(rotate(nq, nag.extra), rotate(nk, nag.extra), nv.transpose(1, 2),
                                        bp.nag_attn, slice(n_neg, None))
             on = on.transpose(1, 2).flatten(2, 3).to(x.dtype)
             guided = ops.nag_combine(o[ps:, image], on[:, n_neg:], s.phi, s.tau, s.alpha, s.norm)
             o = torch.cat([o[:ps], torch.cat([o[ps:, :n_txt], guided], 1)])
-            # both sequences' image tokens get the combined output (the authors' single blocks)
-            o_neg = on[:, :n_neg] if c is not None else torch.cat([on[:, :n_neg], guided], 1)
+            # both sequences' image tokens get the combined output
+            o_neg = torch.cat([on[:, :n_neg], guided], 1)
         if c is None:
             return o, None, o_neg
         o_txt, o_img = o[:, :n_txt], o[:, n_txt:]

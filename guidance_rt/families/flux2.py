@@ -248,25 +248,31 @@ class Flux2Adapter(FluxAdapter):
             q, k, v = (torch.cat([a, b], 1) for a, b in zip(text, (q, k, v)))
         n_txt = q.shape[1] - (n_x - image_start)
         image = slice(n_txt, None)
-        o = ops.variant_attention(rotate(q, rope), rotate(k, rope), v.transpose(1, 2), bp.attn, image)
-        o = o.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        q, k, v = rotate(q, rope), rotate(k, rope), v.transpose(1, 2)
+        heads_merged = lambda t: t.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        if nag is not None and text is not None:
+            # double block: the negative text beside the positive rows' image tokens (same image
+            # ids, so the same rotary embedding): their keys are shared
+            nq, nk, nv = neg
+            neg_rope = tuple(f[:nq.shape[1]] for f in nag.extra)
+            o, o_neg = ops.joint_nag_attention(q, k, v, image, bp.attn, nag.pos_start,
+                                               (rotate(nq, neg_rope), rotate(nk, neg_rope), nv.transpose(1, 2)),
+                                               bp.nag_attn, nag.step)
+            return heads_merged(o), heads_merged(o_neg)
+        o = heads_merged(ops.variant_attention(q, k, v, bp.attn, image))
         if nag is None:
             return o, None
+        # single block (the NAG authors'): the negative sequence's own tokens, SEG's queries
+        # included; its image tokens differ from the positive ones, so nothing is shared
         ps, s = nag.pos_start, nag.step
-        if text is not None:   # double block: the negative text beside the positive image tokens
-            nq, nk, nv = neg
-            n_neg = nq.shape[1]
-            nq, nk, nv = (torch.cat([t_neg, t[ps:, image]], 1) for t_neg, t in ((nq, q), (nk, k), (nv, v)))
-        else:                  # single block: the negative sequence's own tokens, SEG's queries included
-            nq, nk, nv = neg
-            n_neg = nq.shape[1] - (n_x - image_start)
-            nq = attn.norm_q(unflat(ops.blur_queries(nq, bp.pos_attn, grid, slice(n_neg, None))))
-            nk, nv = attn.norm_k(unflat(nk)), unflat(nv)
-        on = ops.variant_attention(rotate(nq, nag.extra), rotate(nk, nag.extra), nv.transpose(1, 2),
-                                   bp.nag_attn, slice(n_neg, None))
-        on = on.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        nq, nk, nv = neg
+        n_neg = nq.shape[1] - (n_x - image_start)
+        nq = attn.norm_q(unflat(ops.blur_queries(nq, bp.pos_attn, grid, slice(n_neg, None))))
+        nk, nv = attn.norm_k(unflat(nk)), unflat(nv)
+        on = heads_merged(ops.variant_attention(rotate(nq, nag.extra), rotate(nk, nag.extra), nv.transpose(1, 2),
+                                                bp.nag_attn, slice(n_neg, None)))
         guided = ops.nag_combine(o[ps:, image], on[:, n_neg:], s.phi, s.tau, s.alpha, s.norm)
         o = torch.cat([o[:ps], torch.cat([o[ps:, :n_txt], guided], 1)])
-        # both sequences' image tokens get the combined output (the authors' single blocks)
-        o_neg = on[:, :n_neg] if text is not None else torch.cat([on[:, :n_neg], guided], 1)
+        # both sequences' image tokens get the combined output
+        o_neg = torch.cat([on[:, :n_neg], guided], 1)
         return o, o_neg

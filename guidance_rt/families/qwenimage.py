@@ -274,19 +274,16 @@ class QwenImageAdapter(DiTAdapter):
 
         cq, ck, cv = text_qkv(c, txt_freqs)
         n_txt = c.shape[1]
-        o = masked_attention(torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), bp.attn,
-                             slice(n_txt, None), mask)
-        o = o.transpose(1, 2).flatten(2, 3).to(x.dtype)
-        o_txt, o_img, o_neg = o[:, :n_txt], o[:, n_txt:], None
-        if nag is not None:
-            ps, s = nag.pos_start, nag.step
-            n_neg = cn.shape[1]
-            nq, nk, nv = text_qkv(cn, nag.extra[1])
-            on = masked_attention(torch.cat([nq, q[ps:]], 2), torch.cat([nk, k[ps:]], 2),
-                                  torch.cat([nv, v[ps:]], 2), bp.nag_attn, slice(n_neg, None), nmask)
-            on = on.transpose(1, 2).flatten(2, 3).to(x.dtype)
-            guided = ops.nag_combine(o_img[ps:], on[:, n_neg:], s.phi, s.tau, s.alpha, s.norm)
-            o_img = torch.cat([o_img[:ps], guided])
-            o_neg = attn.to_add_out(on[:, :n_neg].contiguous())
+        q, k, v, image = torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), slice(n_txt, None)
+        heads_merged = lambda t: t.transpose(1, 2).flatten(2, 3).to(x.dtype)
+        o_neg = None
+        if nag is None:
+            o = masked_attention(q, k, v, bp.attn, image, mask)
+        else:
+            o, o_neg = ops.joint_nag_attention(q, k, v, image, bp.attn, nag.pos_start, text_qkv(cn, nag.extra[1]),
+                                               bp.nag_attn, nag.step, mask, nmask)
+            o_neg = attn.to_add_out(heads_merged(o_neg).contiguous())
+        o = heads_merged(o)
+        o_txt, o_img = o[:, :n_txt], o[:, n_txt:]
         img = attn.to_out[1](attn.to_out[0](o_img.contiguous()))
         return img, attn.to_add_out(o_txt.contiguous()), o_neg

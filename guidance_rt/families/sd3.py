@@ -156,17 +156,16 @@ class SD3Adapter(DiTAdapter):
 
         image = slice(0, n_img)
         cq, ck, cv = text_qkv(c)
-        o = merge(ops.variant_attention(torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2),
-                                        bp.attn, image))
-        o_img, o_txt, o_neg = o[:, :n_img], o[:, n_img:], None
-        if nag is not None:
-            ps, s = nag.pos_start, nag.step
-            nq, nk, nv = text_qkv(cn)
-            on = merge(ops.variant_attention(torch.cat([q[ps:], nq], 2), torch.cat([k[ps:], nk], 2),
-                                             torch.cat([v[ps:], nv], 2), bp.nag_attn, image))
-            guided = ops.nag_combine(o_img[ps:], on[:, :n_img], s.phi, s.tau, s.alpha, s.norm)
-            o_img = torch.cat([o_img[:ps], guided])
-            o_neg = on[:, n_img:]
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        o_neg = None
+        if nag is None:
+            o = ops.variant_attention(q, k, v, bp.attn, image)
+        else:
+            o, o_neg = ops.joint_nag_attention(q, k, v, image, bp.attn, nag.pos_start, text_qkv(cn), bp.nag_attn,
+                                               nag.step)
+            o_neg = merge(o_neg)
+        o = merge(o)
+        o_img, o_txt = o[:, :n_img], o[:, n_img:]
         if not attn.context_pre_only:
             o_txt = attn.to_add_out(o_txt)
             o_neg = attn.to_add_out(o_neg) if o_neg is not None else None
