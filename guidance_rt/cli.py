@@ -117,6 +117,9 @@ def add_bench(sub) -> None:
                    help="CPU intra-op threads (default: 1 for tiny presets, else torch's default)")
     p.add_argument("--seed", type=_seed, default=0, help="0 <= S < 2**63")
     p.add_argument("--json", metavar="FILE", help="write every row and the environment as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write the commit, the environment and one table per "
+                                                     "preset (median, spread, ratio, floor, efficiency, "
+                                                     "speed-up vs each peer, noisy flag) as markdown")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     p.set_defaults(run=run_bench)
@@ -189,10 +192,15 @@ def run_bench(args) -> int:
     if summary:
         print()
         print(summary, end="")
+    report = bench.report(rows, opts) if args.json or args.markdown else None
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(bench.report(rows, opts), f, indent=1, allow_nan=False)
+            json.dump(report, f, indent=1, allow_nan=False)
         print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(bench.markdown(report))
+        print(f"wrote {args.markdown}")
     return 1 if any(r["status"] == "error" for r in rows) else 0
 
 

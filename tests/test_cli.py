@@ -84,6 +84,32 @@ def test_bench_errors(capsys):
                           "(sd3: CFG, CFG+SLG[7,8,9]) nor a guidance spec: unknown guidance term"), err
 
 
+def test_bench_markdown_table_columns_and_cells():
+    def row(config, impl, ms=None, status="ok", reason="", noisy=False):
+        return dict.fromkeys(bench.COLUMNS) | dict(
+            preset="p", batch=1, latent=[32, 32], size="256x256", config=config, implementation=impl,
+            status=status, reason=reason, step=1, steps=30, median_ms=ms, iqr_ms=ms and ms / 10,
+            min_ms=ms and ms - 1, max_ms=ms and ms + 1, ratio=ms and 1.0, floor=1.25, efficiency=ms and 1.25,
+            noisy=noisy, times_ms=[ms] * 7 if ms else [])
+
+    rows = [row("CFG", "guidance-rt", 10.0), row("CFG", "reference", 20.0),
+            row("CFG", "diffusers-pipelines", 25.0, noisy=True), row("CFG", "diffusers-guiders", 40.0),
+            row("CFG+X", "guidance-rt", 12.0),
+            row("CFG+X", "diffusers-pipelines", status="unsupported", reason="no such method"),
+            row("CFG+X", "diffusers-guiders", status="missing", reason="crashed: a | b")]
+    doc = bench.markdown({"environment": {"commit": "abc123+dirty", "device_type": "cpu", "torch": "2.13",
+                                          "threads": 2, "device": {"name": "Some CPU", "cores": 2}},
+                          "options": {"dtype": "float32"}, "results": rows})
+    assert "Commit: `abc123`, dirty" in doc and "Environment: CPU Some CPU, 2 of 2 threads; torch 2.13; float32" in doc
+    assert "median of 7 timed calls, interleaved" in doc
+    lines = doc.splitlines()
+    assert "| CFG | guidance-rt | 10.00 | 1.00 | 9.00-11.00 | 1.000 | 1.250 | 1.25 | 2.50x (noisy) | 4.00x |  |  |" in lines
+    assert "|  | diffusers-pipelines | 25.00 | 2.50 | 24.00-26.00 | 1.000 | 1.250 | 1.25 |  |  | NOISY |  |" in lines
+    assert "| CFG+X | guidance-rt | 12.00 | 1.20 | 11.00-13.00 | 1.000 | 1.250 | 1.25 | n/a | MISSING |  |  |" in lines
+    assert "|  | diffusers-guiders | - | - | - | - | 1.250 | - |  |  |  | MISSING: crashed: a \\| b |" in lines
+    assert not any("no such method" in x for x in lines if x.startswith("|"))   # unsupported: no row
+
+
 # ---------------------------------------------------------------------------------------- generate
 
 def test_generate_writes_pngs_that_reproduce_themselves(tmp_path, capsys):

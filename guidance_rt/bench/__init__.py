@@ -47,7 +47,7 @@ from .flops import count_flops
 from .implementations import PREPARE, prepare_packed, prepare_reference
 from .memory import TensorMemory, peak_memory
 from .peers import prepare_diffusers, prepare_guiders
-from .report import format_table, report, summary, to_json_ready
+from .report import format_table, markdown, report, summary, to_json_ready
 from .rows import COLUMNS, OURS, PEERS, _short
 from .runner import Options, cpu_threads, run
 from .targets import Ctx, Prepared, Target, Unsupported, load_model_folder, load_target, meta_copy
