@@ -106,6 +106,9 @@ def add_bench(sub) -> None:
                    help="batch sizes, e.g. 1,4,8 (throughput in images/s per size)")
     p.add_argument("--steps", type=_count(1), default=30,
                    help="sampling steps of the run a step belongs to: terms' windows and img/s")
+    p.add_argument("--size", metavar="WxH", help="image size in pixels, multiples of the model's factor "
+                                                "(8 UNet, 16 SD3 and FLUX; default: the preset's); the "
+                                                "inputs and the FLOP floors are at this size")
     p.add_argument("--repeats", type=_count(1), default=None, help="timed calls (default 10 CPU, 50 CUDA)")
     p.add_argument("--warmup", type=_count(0), default=None, help="warm-up calls (default 2 CPU, 10 CUDA)")
     p.add_argument("--dtype", type=_dtype, default="float32", help="float32, float16 or bfloat16")
@@ -161,7 +164,15 @@ def run_bench(args) -> int:
 
     from . import bench
 
-    opts = bench.Options(presets=presets,
+    size = None
+    if args.size:
+        from .generate import parse_size
+
+        try:
+            size = parse_size(args.size)
+        except ValueError as e:
+            return _fail("bench", e)
+    opts = bench.Options(presets=presets, size=size,
                          guidance=args.guidance, batches=args.batch, steps=args.steps,
                          repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
                          device=args.device, compile=args.compile, seed=args.seed,

@@ -32,7 +32,7 @@ def format_table(rows: list[dict]) -> str:
         groups.setdefault((r["preset"], r["batch"]), []).append(r)
     for (preset, batch), group in groups.items():
         latent = group[0].get("latent") or ["?", "?"]
-        lines.append(f"{preset}  batch {batch}  latent {latent[0]}x{latent[1]}  "
+        lines.append(f"{preset}  batch {batch}  size {group[0].get('size') or '?'}  latent {latent[0]}x{latent[1]}  "
                      f"step {group[0]['step']} of {group[0]['steps']}")
         table = [head]
         last = None
