@@ -106,6 +106,9 @@ def add_bench(sub) -> None:
                    help="batch sizes, e.g. 1,4,8 (throughput in images/s per size)")
     p.add_argument("--steps", type=_count(1), default=30,
                    help="sampling steps of the run a step belongs to: terms' windows and img/s")
+    p.add_argument("--size", metavar="WxH", help="image size in pixels, multiples of the model's factor "
+                                                "(8 UNet, 16 SD3 and FLUX; default: the preset's); the "
+                                                "inputs and the FLOP floors are at this size")
     p.add_argument("--repeats", type=_count(1), default=None, help="timed calls (default 10 CPU, 50 CUDA)")
     p.add_argument("--warmup", type=_count(0), default=None, help="warm-up calls (default 2 CPU, 10 CUDA)")
     p.add_argument("--dtype", type=_dtype, default="float32", help="float32, float16 or bfloat16")
@@ -117,6 +120,9 @@ def add_bench(sub) -> None:
                    help="CPU intra-op threads (default: 1 for tiny presets, else torch's default)")
     p.add_argument("--seed", type=_seed, default=0, help="0 <= S < 2**63")
     p.add_argument("--json", metavar="FILE", help="write every row and the environment as JSON")
+    p.add_argument("--markdown", metavar="FILE", help="write the commit, the environment and one table per "
+                                                     "preset (median, spread, ratio, floor, efficiency, "
+                                                     "speed-up vs each peer, noisy flag) as markdown")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     p.set_defaults(run=run_bench)
@@ -158,7 +164,15 @@ def run_bench(args) -> int:
 
     from . import bench
 
-    opts = bench.Options(presets=presets,
+    size = None
+    if args.size:
+        from .generate import parse_size
+
+        try:
+            size = parse_size(args.size)
+        except ValueError as e:
+            return _fail("bench", e)
+    opts = bench.Options(presets=presets, size=size,
                          guidance=args.guidance, batches=args.batch, steps=args.steps,
                          repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
                          device=args.device, compile=args.compile, seed=args.seed,
@@ -189,10 +203,15 @@ def run_bench(args) -> int:
     if summary:
         print()
         print(summary, end="")
+    report = bench.report(rows, opts) if args.json or args.markdown else None
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(bench.report(rows, opts), f, indent=1, allow_nan=False)
+            json.dump(report, f, indent=1, allow_nan=False)
         print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(bench.markdown(report))
+        print(f"wrote {args.markdown}")
     return 1 if any(r["status"] == "error" for r in rows) else 0
 
 

@@ -582,17 +582,29 @@ def _scheduler_of(pipe) -> dict:
 
 # ------------------------------------------------------------------------------------ running
 
-def _check_size(s: Settings, info: ModelInfo) -> None:
-    m = info.multiple
-    sides = [v for v in (s.width, s.height) if v is not None]
-    size = f"{s.width or 'default'}x{s.height or 'default'}"
+def size_problem(width: int | None, height: int | None, *, name: str, pipeline: str, multiple: int,
+                 max_side: int | None = None) -> str | None:
+    """What is wrong with an image size in pixels for a model (None: nothing): sides must be
+    multiples of `multiple` (VAE factor x patch) and at most `max_side`; None is the model's
+    default. Shared by generate --size and bench --size."""
+    m = multiple
+    sides = [v for v in (width, height) if v is not None]
+    size = f"{width or 'default'}x{height or 'default'}"
     if any(v % m for v in sides):
-        near = "x".join("default" if v is None else str(max(m, round(v / m) * m)) for v in (s.width, s.height))
-        raise ValueError(f"size {size} does not fit {info.name} ({info.pipeline}): width and height must be "
-                         f"multiples of {m}; nearest: {near}")
-    if info.max_side and any(v > info.max_side for v in sides):
-        raise ValueError(f"size {size} does not fit {info.name}: its position embedding covers at most "
-                         f"{info.max_side} pixels a side")
+        near = "x".join("default" if v is None else str(max(m, round(v / m) * m)) for v in (width, height))
+        return (f"size {size} does not fit {name} ({pipeline}): width and height must be "
+                f"multiples of {m}; nearest: {near}")
+    if max_side and any(v > max_side for v in sides):
+        return (f"size {size} does not fit {name}: its position embedding covers at most "
+                f"{max_side} pixels a side")
+    return None
+
+
+def _check_size(s: Settings, info: ModelInfo) -> None:
+    why = size_problem(s.width, s.height, name=info.name, pipeline=info.pipeline, multiple=info.multiple,
+                       max_side=info.max_side)
+    if why:
+        raise ValueError(why)
 
 
 def check_guidance(info: ModelInfo, guidances: list[Guidance], settings: Settings | None = None) -> None:
@@ -980,6 +992,17 @@ def _size(text: str) -> tuple[int, int]:
         return int(m.group(1)), int(m.group(2))
     except ValueError:   # beyond Python's 4300-digit conversion limit
         raise ValueError(f"--size {_show(text)}: width and height must be between 1 and {MAX_SIDE}") from None
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """--size WxH: (width, height) in pixels, each between 1 and MAX_SIDE, with generate's
+    messages (bench --size; generate checks the range with the rest of its settings)."""
+    sides = _size(text)
+    for flag, value in zip(("--size width", "--size height"), sides):
+        why = _between(1, MAX_SIDE)(value, None)
+        if why:
+            raise ValueError(f"{flag}: {why}")
+    return sides
 
 
 def settings_from_args(args) -> Settings:

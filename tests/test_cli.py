@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guidance_rt import bench, generate, presets
+from guidance_rt import bench, generate, presets, spec
 from guidance_rt.cli import main
 
 QUICK = ["--repeats", "1", "--warmup", "0", "--no-progress"]   # timing is not what these test
@@ -82,6 +82,109 @@ def test_bench_errors(capsys):
     err = capsys.readouterr().err
     assert err.startswith("guidance-rt bench: configuration 'CFG+SLG[7,8]' is neither a standard name "
                           "(sd3: CFG, CFG+SLG[7,8,9]) nor a guidance spec: unknown guidance term"), err
+
+
+def test_bench_size_reaches_the_inputs_the_floors_the_json_the_table_and_the_markdown(tmp_path, capsys, monkeypatch):
+    from guidance_rt.bench import runner
+
+    samples = []
+    make_inputs = presets.example_inputs
+
+    def recording_inputs(*a, **kw):
+        out = make_inputs(*a, **kw)
+        samples.append(tuple(out["sample"].shape))
+        return out
+
+    monkeypatch.setattr(presets, "example_inputs", recording_inputs)
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert main(["bench", "--preset", "tiny-sdxl", "--size", "64x48", "--guidance", "CFG+PAG(mid)",
+                 "--impl", "guidance-rt", "--impl", "diffusers-pipelines", *QUICK,
+                 "--json", str(out), "--markdown", str(md)]) == 0
+    text = capsys.readouterr().out
+    assert samples and all(s[-2:] == (6, 8) for s in samples), samples          # 48 x 64 pixels / 8
+    assert "tiny-sdxl  batch 1  size 64x48  latent 6x8" in text
+    data = _strict_json(out)
+    assert data["options"]["size"] == [64, 48]
+    rows = {(r["config"], r["implementation"]): r for r in data["results"]}
+    assert all(r["size"] == "64x48" and r["latent"] == [6, 8] for r in rows.values())
+    # the floor's FLOPs are those of the benched size, not of the preset's default (16 x 16 latent)
+    ours = rows[("CFG+PAG(mid)", "guidance-rt")]
+    g, model = spec.parse_spec(ours["spec"]), presets.build_model("tiny-sdxl")
+    at = {hw: bench.count_flops(model, g, make_inputs("tiny-sdxl", height=hw[0], width=hw[1]), ours["step"], 30)
+          for hw in [(6, 8), (16, 16)]}
+    assert ours["flops"] == at[(6, 8)] != at[(16, 16)]
+    # the markdown: commit, environment, one table with every column, guidance-rt's speed-up
+    doc = md.read_text()
+    commit = data["environment"]["commit"]
+    assert f"`{commit.removesuffix('+dirty')}`" in doc and "Environment: CPU " in doc
+    assert "## tiny-sdxl: 64x48 pixels (latent 6x8), batch 1, step 1 of 30" in doc
+    assert ("| configuration | implementation | median ms | IQR ms | min-max ms | ratio to its CFG step | floor "
+            "| efficiency | speed-up vs diffusers-pipelines | noisy | note |") in doc
+    peer = rows[("CFG+PAG(mid)", "diffusers-pipelines")]
+    line = next(x for x in doc.splitlines() if x.startswith("| CFG+PAG(mid) | guidance-rt |"))
+    assert f"| {ours['floor']:.3f} | {ours['efficiency']:.2f} | {peer['median_ms'] / ours['median_ms']:.2f}x" in line
+
+
+def test_bench_size_reaches_the_meta_device_flop_count(monkeypatch):
+    """Full-size models count FLOPs on a meta-device copy with meta inputs: those are at --size too."""
+    from guidance_rt.bench import runner
+
+    counted = []
+
+    def recording_count(model, g, inp, step, steps):
+        counted.append((next(model.parameters()).device.type, inp["sample"].device.type, tuple(inp["sample"].shape)))
+        return 1
+
+    monkeypatch.setattr(runner, "META_FLOPS_PARAMS", 0)   # tiny-sdxl counted as a full-size model is
+    monkeypatch.setattr(runner, "count_flops", recording_count)
+    rows = bench.run(presets=["tiny-sdxl"], size=(64, 48), guidance=["CFG"], implementations=("guidance-rt",),
+                     repeats=1, warmup=0, progress=False)
+    assert rows[0]["size"] == "64x48" and rows[0]["latent"] == [6, 8]
+    assert counted and all(c == ("meta", "meta", (1, 4, 6, 8)) for c in counted), counted
+
+
+def test_bench_size_errors_name_the_valid_multiples_before_any_model_is_built(capsys, monkeypatch):
+    def no_model(*a, **kw):
+        raise AssertionError("a model was built for a bad size")
+
+    monkeypatch.setattr(presets, "build_model", no_model)
+    for preset, size, message in [
+            ("tiny-sdxl", "250x256", "size 250x256 does not fit tiny-sdxl (StableDiffusionXLPipeline): width and "
+                                     "height must be multiples of 8; nearest: 248x256"),
+            ("tiny-sd3", "100x128", "size 100x128 does not fit tiny-sd3 (StableDiffusion3Pipeline): width and "
+                                    "height must be multiples of 16; nearest: 96x128"),
+            ("tiny-sd3", "528x64", "size 528x64 does not fit tiny-sd3: its position embedding covers at most "
+                                   "512 pixels a side"),
+            ("tiny-sdxl", "64", "--size '64': expected WxH in pixels, e.g. 1024x768"),
+            ("tiny-sdxl", "0x64", "--size width: must be between 1 and 16384, got 0")]:
+        assert main(["bench", "--preset", preset, "--size", size, *QUICK]) == 2, size
+        assert capsys.readouterr().err == f"guidance-rt bench: {message}\n"
+
+
+def test_bench_markdown_table_columns_and_cells():
+    def row(config, impl, ms=None, status="ok", reason="", noisy=False):
+        return dict.fromkeys(bench.COLUMNS) | dict(
+            preset="p", batch=1, latent=[32, 32], size="256x256", config=config, implementation=impl,
+            status=status, reason=reason, step=1, steps=30, median_ms=ms, iqr_ms=ms and ms / 10,
+            min_ms=ms and ms - 1, max_ms=ms and ms + 1, ratio=ms and 1.0, floor=1.25, efficiency=ms and 1.25,
+            noisy=noisy, times_ms=[ms] * 7 if ms else [])
+
+    rows = [row("CFG", "guidance-rt", 10.0), row("CFG", "reference", 20.0),
+            row("CFG", "diffusers-pipelines", 25.0, noisy=True), row("CFG", "diffusers-guiders", 40.0),
+            row("CFG+X", "guidance-rt", 12.0),
+            row("CFG+X", "diffusers-pipelines", status="unsupported", reason="no such method"),
+            row("CFG+X", "diffusers-guiders", status="missing", reason="crashed: a | b")]
+    doc = bench.markdown({"environment": {"commit": "abc123+dirty", "device_type": "cpu", "torch": "2.13",
+                                          "threads": 2, "device": {"name": "Some CPU", "cores": 2}},
+                          "options": {"dtype": "float32"}, "results": rows})
+    assert "Commit: `abc123`, dirty" in doc and "Environment: CPU Some CPU, 2 of 2 threads; torch 2.13; float32" in doc
+    assert "median of 7 timed calls, interleaved" in doc
+    lines = doc.splitlines()
+    assert "| CFG | guidance-rt | 10.00 | 1.00 | 9.00-11.00 | 1.000 | 1.250 | 1.25 | 2.50x (noisy) | 4.00x |  |  |" in lines
+    assert "|  | diffusers-pipelines | 25.00 | 2.50 | 24.00-26.00 | 1.000 | 1.250 | 1.25 |  |  | NOISY |  |" in lines
+    assert "| CFG+X | guidance-rt | 12.00 | 1.20 | 11.00-13.00 | 1.000 | 1.250 | 1.25 | n/a | MISSING |  |  |" in lines
+    assert "|  | diffusers-guiders | - | - | - | - | 1.250 | - |  |  |  | MISSING: crashed: a \\| b |" in lines
+    assert not any("no such method" in x for x in lines if x.startswith("|"))   # unsupported: no row
 
 
 # ---------------------------------------------------------------------------------------- generate

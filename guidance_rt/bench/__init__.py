@@ -29,7 +29,7 @@ for every implementation in the same process on the same inputs:
 
 CPU absolute times say nothing about a GPU; CPU ratios on the tiny presets show the structure
 (rows, forks) but not the kernels. Results are dicts (one per row) that the CLI prints and writes
-as JSON.
+as JSON and markdown. --size benches at another image size: inputs and FLOP counts alike.
 
 The harness, by concern (each module imports only those before it): rows (the columns, and how a
 failure is written into a row), configs (the configurations measured), targets (the model under
@@ -47,8 +47,9 @@ from .flops import count_flops
 from .implementations import PREPARE, prepare_packed, prepare_reference
 from .memory import TensorMemory, peak_memory
 from .peers import prepare_diffusers, prepare_guiders
-from .report import format_table, report, summary, to_json_ready
+from .report import format_table, markdown, report, summary, to_json_ready
 from .rows import COLUMNS, OURS, PEERS, _short
-from .runner import Options, cpu_threads, run
-from .targets import Ctx, Prepared, Target, Unsupported, load_model_folder, load_target, meta_copy
+from .runner import META_FLOPS_PARAMS, Options, cpu_threads, run
+from .targets import (Ctx, Prepared, Target, Unsupported, load_model_folder, load_target, meta_copy,
+                      preset_size_problem, size_problem)
 from .timing import NOISY_IQR, _retime_noisy, _time_interleaved, time_calls

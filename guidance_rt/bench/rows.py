@@ -9,7 +9,7 @@ from ..standard import IMPLEMENTATIONS
 
 
 OURS = ("guidance-rt", "reference")
-COLUMNS = ("preset", "family", "batch", "latent", "config", "spec", "guidance", "implementation",
+COLUMNS = ("preset", "family", "batch", "latent", "size", "config", "spec", "guidance", "implementation",
            "status", "reason", "step", "steps", "median_ms", "iqr_ms", "min_ms", "max_ms", "ratio",
            "floor", "efficiency", "peak_memory_mib", "memory_method", "images_per_s",
            "rel_vs_reference", "vs_peer", "vs_peer_impl", "noisy", "flops", "baseline_flops", "block_rows",

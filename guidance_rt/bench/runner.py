@@ -21,7 +21,7 @@ from .configs import Config, baseline_guidance, default_presets, ordered_configs
 from .flops import _block_rows, count_flops
 from .implementations import PREPARE, prepare_reference
 from .rows import COLUMNS, PEERS, _fail, _short
-from .targets import Ctx, Prepared, Target, Unsupported, load_target, meta_copy
+from .targets import Ctx, Prepared, Target, Unsupported, load_target, meta_copy, preset_size_problem, size_problem
 from .timing import _retime_noisy, _time_interleaved
 
 
@@ -40,6 +40,12 @@ class Options:
     seed: int = 0
     progress: bool | None = None    # None: a bar when stderr is a terminal
     threads: int | None = None      # CPU intra-op threads; None: 1 for tiny presets, else torch's
+    size: tuple[int, int] | None = None   # (width, height) image pixels; None: each preset's default
+
+
+# FLOPs are counted on a meta-device copy on a GPU and for models above this many parameters (on
+# the model itself for smaller ones on the CPU, where the real forward is quicker than the meta one)
+META_FLOPS_PARAMS = 5e7
 
 
 def _is_tiny(preset: str) -> bool:
@@ -81,6 +87,12 @@ def run(options: Options | None = None, log: Callable[[str], None] | None = None
     for b in o.batches:
         if b < 1:
             raise ValueError(f"batch sizes must be >= 1, got {b}")
+    if o.size is not None:   # presets' sizes are checked before any model is built
+        for name in preset_names:
+            if name in presets.PRESETS:
+                why = preset_size_problem(o.size, name)
+                if why:
+                    raise ValueError(why)
 
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -98,6 +110,11 @@ def run(options: Options | None = None, log: Callable[[str], None] | None = None
         plan = []
         for name in preset_names:
             target = load_target(name, dtype=o.dtype, device=device, seed=o.seed)
+            if o.size is not None and target.preset is None:   # a folder: known once it is loaded
+                why = size_problem(o.size, target.label, target.family, dict(target.model.config),
+                                   target.vae_factor)
+                if why:
+                    raise ValueError(why)
             configs = resolve_configs(o.guidance, target.family)
             plan.append((target, configs))
         total = sum(len(ordered_configs(configs)) for _, configs in plan) * len(o.batches) * len(o.implementations)
@@ -123,21 +140,24 @@ def run(options: Options | None = None, log: Callable[[str], None] | None = None
 def _run_target(target: Target, configs: list[Config], batch: int, o: Options, device,
                 repeats: int, warmup: int, bar, log) -> list[dict]:
     model = target.model
-    inputs = [presets.example_inputs(target.preset or model, batch=batch, dtype=o.dtype, device=device,
-                                     seed=o.seed + k) for k in range(3)]
+    # --size (image pixels) as latent pixels; None: the preset's (a folder's config's) default
+    lh, lw = (o.size[1] // target.vae_factor, o.size[0] // target.vae_factor) if o.size else (None, None)
+    inputs = [presets.example_inputs(target.preset or model, batch=batch, height=lh, width=lw, dtype=o.dtype,
+                                     device=device, seed=o.seed + k) for k in range(3)]
     h, w = inputs[0]["height"], inputs[0]["width"]
+    size = f"{w * target.vae_factor}x{h * target.vae_factor}"   # image pixels, WxH as --size takes it
     log(f"{target.label}: {target.description}; {target.params / 1e6:.1f}M parameters; "
-        f"batch {batch}, latent {h}x{w}, {o.dtype}".replace("torch.", ""))
+        f"batch {batch}, {size} pixels (latent {h}x{w}), {o.dtype}".replace("torch.", ""))
     tol = _tolerance(o.dtype)
 
     # FLOP counts run on a meta-device copy, except for small models on the CPU (there the real
     # forward is quicker than the meta one; the CPU SDPA kernel gets the SDPA formula)
     flop_model, flop_inp = model, inputs[0]
-    if device.type != "cpu" or target.params > 5e7:
+    if device.type != "cpu" or target.params > META_FLOPS_PARAMS:
         try:
             flop_model = meta_copy(target, o.dtype)
-            flop_inp = presets.example_inputs(target.preset or model, batch=batch, dtype=o.dtype,
-                                              device="meta", seed=o.seed)
+            flop_inp = presets.example_inputs(target.preset or model, batch=batch, height=h, width=w,
+                                              dtype=o.dtype, device="meta", seed=o.seed)
         except Exception:
             flop_model, flop_inp = model, inputs[0]
     flops_cache: dict[tuple, int | None] = {}
@@ -189,7 +209,7 @@ def _run_target(target: Target, configs: list[Config], batch: int, o: Options, d
             row.update(preset=target.label, family=target.family, batch=batch, config=config.name,
                        spec=config.spec, implementation=impl, status="ok", reason="",
                        flops=f_cfg, baseline_flops=f_base, floor=floor, step=step, steps=o.steps,
-                       guidance=spec_mod.to_dict(g), latent=[h, w], times_ms=[])
+                       guidance=spec_mod.to_dict(g), latent=[h, w], size=size, times_ms=[])
             try:
                 prepared = PREPARE[impl](ctx, g)
             except Unsupported as e:

@@ -24,6 +24,7 @@ class Target:
     model: torch.nn.Module
     preset: str | None          # preset name, or None for a model folder
     description: str = ""
+    vae_factor: int = presets._VAE_SCALE   # image pixels per latent pixel (a pipeline folder: its VAE's)
 
     @property
     def params(self) -> int:
@@ -61,11 +62,46 @@ def load_model_folder(path: str, *, dtype=torch.float32, device="cpu") -> torch.
     return model.to(device).eval()
 
 
+def folder_vae_factor(path: str) -> int:
+    """A pipeline folder's vae_scale_factor as its pipeline computes it, 2 ** (VAE levels - 1);
+    8 for a model folder or a pipeline without a VAE (generate reads a folder the same way)."""
+    import json
+
+    cfg = os.path.join(os.path.expanduser(path), "vae", "config.json")
+    with contextlib.suppress(OSError, ValueError):
+        with open(cfg) as f:
+            channels = json.load(f).get("block_out_channels")
+        if isinstance(channels, list) and channels:
+            return 2 ** (len(channels) - 1)
+    return presets._VAE_SCALE
+
+
+def size_problem(size: tuple[int, int], name: str, family: str, config: dict,
+                 vae_factor: int = presets._VAE_SCALE) -> str | None:
+    """What is wrong with an image size (width, height) in pixels for a model of this family and
+    config (None: nothing), in generate --size's words: sides must be multiples of the VAE factor
+    x the patch, and within the position embedding."""
+    from ..families import FAMILIES
+    from ..generate import size_problem as problem
+
+    fam = FAMILIES[family]
+    limit = fam.latent_limit(config)
+    return problem(size[0], size[1], name=name, pipeline=fam.pipeline_class(config),
+                   multiple=vae_factor * fam.latent_multiple(config),
+                   max_side=limit * vae_factor if limit else None)
+
+
+def preset_size_problem(size: tuple[int, int], preset: str) -> str | None:
+    """size_problem for a preset, from its config alone (nothing is built)."""
+    p = presets.get_preset(preset)
+    return size_problem(size, p.name, p.family, dict(p.config))
+
+
 def load_target(preset: str, *, dtype=torch.float32, device="cpu", seed: int = 0) -> Target:
     if os.path.isdir(os.path.expanduser(preset)):
         model = load_model_folder(preset, dtype=dtype, device=device)
         return Target(os.path.basename(os.path.normpath(preset)) or preset, model_family(model), model,
-                      None, f"{type(model).__name__} from {preset}")
+                      None, f"{type(model).__name__} from {preset}", folder_vae_factor(preset))
     p = presets.get_preset(preset)
     model = presets.build_model(preset, dtype=dtype, device=device, seed=seed)
     return Target(preset, p.family, model, preset, p.description)
