@@ -146,6 +146,13 @@ def test_probe_step_and_baselines():
     configs = bench.resolve_configs(["CFG+TPG(d6-d23)", "cfg=5 pag=3@mid"], "unet")
     names = [c.name for c in bench.ordered_configs(configs)]
     assert names == ["CFG", "CFG+TPG(d6-d23)", "cfg=5 pag=3@mid"]
+    # several families in one run: each takes its own standard names
+    both = {"unet", "sd3"}
+    assert [c.name for c in bench.resolve_configs(["CFG+PAG(mid)", "CFG+SLG[7,8,9]"], "sd3", both)] == ["CFG+SLG[7,8,9]"]
+    with pytest.raises(ValueError, match="standard configuration of sd3 models"):
+        bench.resolve_configs(["CFG+SLG[7,8,9]"], "unet")
+    with pytest.raises(ValueError, match="no configuration given is one of unet models"):
+        bench.resolve_configs(["CFG+SLG[7,8,9]"], "unet", both)
     assert bench.default_presets(None)[:2] == ["tiny-sdxl", "tiny-sd3"]
     assert bench.default_presets(["CFG+SLG[7,8,9]"]) == ["tiny-sd3"]
     assert bench.default_presets(["cfg=5 pag=3"]) == ["tiny-sdxl"]

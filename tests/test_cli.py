@@ -81,7 +81,7 @@ def test_bench_errors(capsys):
     assert main(["bench", "--preset", "tiny-sd3", "--guidance", "CFG+SLG[7,8]"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("guidance-rt bench: configuration 'CFG+SLG[7,8]' is neither a standard name "
-                          "(sd3: CFG, CFG+SLG[7,8,9]) nor a guidance spec: unknown guidance term"), err
+                          "(sd3: CFG, CFG+SLG[7,8,9], CFG+NAG) nor a guidance spec: unknown guidance term"), err
 
 
 def test_bench_size_reaches_the_inputs_the_floors_the_json_the_table_and_the_markdown(tmp_path, capsys, monkeypatch):

@@ -49,8 +49,9 @@ def baseline_guidance(g: Guidance) -> Guidance:
     return Guidance(CFG(scale=c.scale, rescale=c.rescale, start=c.start, stop=c.stop))  # SCFG -> CFG
 
 
-def resolve_configs(items: list[str] | None, family: str) -> list[Config]:
-    """--guidance values: standard names (case-insensitive) or specs / JSON / files."""
+def resolve_configs(items: list[str] | None, family: str, run_families=()) -> list[Config]:
+    """--guidance values: standard names (case-insensitive) or specs / JSON / files. A standard
+    name of another family the run also benches (`run_families`) is that family's, skipped here."""
     if not items:
         return standard_configs(family)
     names = {name.lower(): name for fam, name, _ in STANDARD if fam == family}
@@ -63,11 +64,16 @@ def resolve_configs(items: list[str] | None, family: str) -> list[Config]:
         if item.strip().lower() in names:
             raise ValueError(f"configuration {item!r} needs a term this build does not have")
         other = [fam for fam, name, _ in STANDARD if name.lower() == item.strip().lower()]
+        if set(other) & set(run_families):
+            continue
         if other:
             raise ValueError(f"{item!r} is a standard configuration of {other[0]} models, not of "
                              f"{family} ones; for {family}: {', '.join(standard_names()[family])}")
         g = spec_mod.load_guidance(item)
         out.append(Config(spec_mod.format_spec(g) or "plain", g, spec_mod.format_spec(g)))
+    if not out:
+        raise ValueError(f"no configuration given is one of {family} models; for {family}: "
+                         f"{', '.join(standard_names()[family])}")
     return out
 
 

@@ -107,26 +107,31 @@ def run(options: Options | None = None, log: Callable[[str], None] | None = None
     rows: list[dict] = []
     bar = None
     try:
+        # a preset's model is built when its turn comes, so one full-size model is in memory at a
+        # time; a folder is loaded now (its family is known only then)
         plan = []
         for name in preset_names:
-            target = load_target(name, dtype=o.dtype, device=device, seed=o.seed)
-            if o.size is not None and target.preset is None:   # a folder: known once it is loaded
+            target = None if name in presets.PRESETS else load_target(name, dtype=o.dtype, device=device, seed=o.seed)
+            if o.size is not None and target is not None:
                 why = size_problem(o.size, target.label, target.family, dict(target.model.config),
                                    target.vae_factor)
                 if why:
                     raise ValueError(why)
-            configs = resolve_configs(o.guidance, target.family)
-            plan.append((target, configs))
-        total = sum(len(ordered_configs(configs)) for _, configs in plan) * len(o.batches) * len(o.implementations)
+            plan.append([name, target, presets.PRESETS[name].family if target is None else target.family])
+        families = {family for _, _, family in plan}
+        plan = [(name, target, resolve_configs(o.guidance, family, families)) for name, target, family in plan]
+        total = sum(len(ordered_configs(configs)) for _, _, configs in plan) * len(o.batches) * len(o.implementations)
         try:
             from tqdm.auto import tqdm
             bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, leave=False,
                        disable=(None if o.progress is None else not o.progress))
         except ImportError:  # tqdm is a dependency; tolerate its absence anyway
             bar = None
-        for target, configs in plan:
+        for name, target, configs in plan:
+            target = target or load_target(name, dtype=o.dtype, device=device, seed=o.seed)
             for batch in o.batches:
                 rows += _run_target(target, configs, batch, o, device, repeats, warmup, bar, log)
+            target = None
     finally:
         if bar is not None:
             bar.close()
